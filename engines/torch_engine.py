@@ -386,13 +386,13 @@ class TorchEngine:
         self._accept_tokens(seqs, sample_next_tokens(logits, seqs))
 
     def _accept_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
-        for seq, token in zip(seqs, tokens):
+        for seq, token in zip(seqs, tokens, strict=True):
             if seq.finish_reason is not None or seq.abort_requested:
                 continue
             seq.output_ids.append(token)
             seq.unsent += 1
             self._counters["tokens_generated"] += 1
-            if token in self.eos_ids:
+            if token in self.eos_ids and not seq.request.sampling.ignore_eos:
                 self._finish(seq, "stop")
                 continue
             text = seq.detokenizer.add_token(token)

@@ -25,7 +25,7 @@ def assert_same_or_near_tie(hf, prompt_ids, expected, got):
     """Token-identical, except where the reference itself had a near-tie at the first difference."""
     if got == expected:
         return
-    pos = next(i for i, (a, b) in enumerate(zip(expected, got)) if a != b)
+    pos = next(i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b)
     model, _ = hf
     with torch.inference_mode():
         logits = model(torch.tensor([prompt_ids + expected[:pos]])).logits[0, -1]

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.engine`` (in-process engine vs raw decode ceiling)."""
