@@ -175,3 +175,11 @@ class Engine(Protocol):
 
     def shutdown(self) -> None:
         """Stop the loop and release memory. Pending requests finish with ``abort``."""
+
+
+@runtime_checkable
+class BatchSubmit(Protocol):
+    """Optional: admit several requests in one go (used by the model replica's ``@serve.batch``)."""
+
+    def submit(self, requests: list[GenerationRequest]) -> list[AsyncIterator[Delta] | EngineError]:
+        """Per request, its delta stream (to be iterated or closed) or the error that rejected it."""

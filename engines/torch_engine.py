@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -41,6 +42,7 @@ from .prefix_cache import PrefixCache
 from .protocol import (
     Delta,
     EngineDeadError,
+    EngineError,
     EngineOverloadedError,
     EngineStats,
     GenerationRequest,
@@ -188,14 +190,33 @@ class TorchEngine:
         return Sequence(request, prompt_ids, max_tokens, IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
                         emit, generator)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def submit(self, requests: list[GenerationRequest]) -> list[AsyncIterator[Delta] | EngineError]:
+        """Queue several requests as one admission (one wake-up of the loop). Returns, per request,
+        its delta stream or the error that rejected it. Each stream must be iterated or closed."""
         loop = asyncio.get_running_loop()
-        out: asyncio.Queue[Delta] = asyncio.Queue()
-        seq = self._make_sequence(request, lambda d: loop.call_soon_threadsafe(out.put_nowait, d))
-        if len(self._waiting) + self._inbox.qsize() >= self.config.max_waiting_seqs:
-            raise EngineOverloadedError(f"waiting queue is full ({self.config.max_waiting_seqs} requests)")
-        self._inbox.put(seq)
+        results: list[AsyncIterator[Delta] | EngineError] = []
+        for request in requests:
+            out: asyncio.Queue[Delta] = asyncio.Queue()
+            try:
+                seq = self._make_sequence(request, partial(loop.call_soon_threadsafe, out.put_nowait))
+                if len(self._waiting) + self._inbox.qsize() >= self.config.max_waiting_seqs:
+                    raise EngineOverloadedError(f"waiting queue is full ({self.config.max_waiting_seqs} requests)")
+            except EngineError as exc:
+                results.append(exc)
+                continue
+            self._inbox.put(seq)
+            results.append(self._stream(request.request_id, out))
         self._wakeup.set()
+        return results
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        (result,) = self.submit([request])
+        if isinstance(result, EngineError):
+            raise result
+        async for delta in result:
+            yield delta
+
+    async def _stream(self, request_id: str, out: asyncio.Queue) -> AsyncIterator[Delta]:
         finished = False
         try:
             while True:
@@ -209,7 +230,7 @@ class TorchEngine:
                     return
         finally:
             if not finished:
-                self.abort(request.request_id)
+                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
