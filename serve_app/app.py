@@ -1,0 +1,20 @@
+"""The deployment graph: Ingress -> (DialogueState, ModelServer).
+
+``serve run serve_config.yaml`` calls :func:`build_app` with the ``args:`` mapping of the file.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from .config import AppSettings
+from .dialogue import DialogueState
+from .ingress import Ingress
+from .model import ModelServer
+
+
+def build_app(args: dict | None = None) -> Application:
+    settings = AppSettings.model_validate(args or {})
+    model = ModelServer.bind(settings.model)
+    dialogue = DialogueState.bind(settings)
+    return Ingress.bind(model, dialogue, settings)

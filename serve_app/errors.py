@@ -1,0 +1,46 @@
+"""One place that turns exceptions from any deployment into an HTTP status and an OpenAI-shaped
+error body (``{"error": {"message", "type", "param", "code"}}``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from engines.protocol import EngineDeadError, EngineOverloadedError, InvalidRequestError
+
+from .dialogue import SessionNotFoundError
+
+
+@dataclass
+class ApiError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    return exc
+
+
+def to_api_error(exc: BaseException) -> ApiError:
+    exc = root_cause(exc)
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return ApiError(400, str(exc), param=exc.field)
+    if isinstance(exc, SessionNotFoundError):
+        return ApiError(404, str(exc), code="session_not_found")
+    if isinstance(exc, (BackPressureError, EngineOverloadedError)):
+        return ApiError(503, f"server overloaded, retry later ({type(exc).__name__})", "server_error", code="overloaded")
+    if isinstance(exc, (DeploymentUnavailableError, EngineDeadError)):
+        return ApiError(503, f"model unavailable: {exc}", "server_error", code="unavailable")
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", code="internal_error")

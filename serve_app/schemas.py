@@ -1,0 +1,131 @@
+"""Typed messages between the ingress, the dialogue deployment and the model replicas, and the
+HTTP request bodies."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Turn(BaseModel):
+    """One completed exchange: the user's message and the assistant's full reply."""
+
+    user: str
+    assistant: str
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    created_at: float = Field(default_factory=time.time)
+
+
+class Session(BaseModel):
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    owner: str
+    system_prompt: str | None = None
+    title: str | None = None
+    turns: list[Turn] = Field(default_factory=list)
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+
+    def messages(self) -> list[dict]:
+        out = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for turn in self.turns:
+            out += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
+        return out
+
+    def summary(self) -> dict:
+        return {"id": self.id, "title": self.title, "created_at": self.created_at, "updated_at": self.updated_at,
+                "turns": len(self.turns)}
+
+    def view(self) -> dict:
+        return {**self.summary(), "system_prompt": self.system_prompt, "messages": self.messages()}
+
+
+class TurnPlan(BaseModel):
+    """What the dialogue deployment hands the ingress for the next turn."""
+
+    session_id: str
+    prompt_token_ids: list[int]
+    history_turns_used: int
+    history_turns_dropped: int
+
+
+# -- HTTP bodies ------------------------------------------------------------------------------------
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = [p.text or "" for p in self.content if p.type == "text"]
+        if len(parts) != len(self.content):
+            raise ValueError("only text content parts are supported")
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Sampling fields shared by the OpenAI endpoint, the sessions API and WebSocket messages."""
+
+    model_config = ConfigDict(extra="ignore")
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        items = [value] if isinstance(value, str) else (value or [])
+        if len(items) > 8 or any(not s for s in items):
+            raise ValueError("stop must be up to 8 non-empty strings")
+        return value
+
+    def sampling_kwargs(self) -> dict:
+        stop = self.stop
+        return {
+            "max_tokens": self.max_completion_tokens or self.max_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "seed": self.seed,
+            "stop": (stop,) if isinstance(stop, str) else tuple(stop or ()),
+        }
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None
+
+
+class CreateSessionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    system_prompt: str | None = None
+    title: str | None = Field(None, max_length=200)
+
+
+class SessionMessageRequest(SamplingFields):
+    content: str = Field(min_length=1)
