@@ -105,6 +105,114 @@ class ModelStream:
             pass
 
 
+class _WsConnection:
+    """One WebSocket client. Protocol: docs/websocket.md."""
+
+    def __init__(self, ingress: "Ingress", ws: WebSocket, owner: str):
+        self.ingress = ingress
+        self.ws = ws
+        self.owner = owner
+        self.session_id: str | None = None
+        self.turn_task: asyncio.Task | None = None
+        self.send_lock = asyncio.Lock()
+
+    async def send(self, event: dict) -> None:
+        async with self.send_lock:
+            await self.ws.send_text(json.dumps(event))
+
+    async def error(self, message: str, code: str = "bad_request", status: int = 400, ref=None) -> None:
+        await self.send({"type": "error", "code": code, "message": message, "status": status, "ref": ref})
+
+    async def serve(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            while True:
+                raw = await self.ws.receive_text()
+                try:
+                    msg = json.loads(raw)
+                    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+                        raise ValueError("a message must be a JSON object with a string 'type'")
+                except ValueError as exc:
+                    await self.error(f"invalid message: {exc}")
+                    continue
+                await self.handle(msg)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            heartbeat.cancel()
+            if self.turn_task is not None:
+                self.turn_task.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.ingress.settings.ws_heartbeat_s)
+            await self.send({"type": "ping", "ts": time.time()})
+
+    async def handle(self, msg: dict) -> None:
+        kind, ref = msg["type"], msg.get("ref")
+        try:
+            if kind == "ping":
+                await self.send({"type": "pong", "ref": ref})
+            elif kind == "pong":
+                pass
+            elif kind == "start":
+                await self.start(msg)
+            elif kind == "message":
+                await self.message(msg)
+            elif kind == "cancel":
+                if self.turn_task is None or self.turn_task.done():
+                    await self.error("no reply is being generated", "nothing_to_cancel", 409, ref)
+                else:
+                    self.turn_task.cancel()
+            else:
+                await self.error(f"unknown message type {kind!r}", ref=ref)
+        except ApiError as exc:
+            await self.error(exc.message, exc.code or exc.type, exc.status, ref)
+
+    async def start(self, msg: dict) -> None:
+        session_id = msg.get("session_id")
+        dialogue = self.ingress.dialogue
+        if session_id is None:
+            system_prompt = msg.get("system_prompt")
+            if system_prompt is not None and not isinstance(system_prompt, str):
+                raise ApiError(400, "system_prompt must be a string", param="system_prompt")
+            view = await self.ingress._call(dialogue.create_session.remote(self.owner, system_prompt, msg.get("title")))
+        elif isinstance(session_id, str):
+            view = await self.ingress._call(dialogue.get_session.remote(session_id, self.owner))
+        else:
+            raise ApiError(400, "session_id must be a string", param="session_id")
+        self.session_id = view["id"]
+        await self.send({"type": "session", "ref": msg.get("ref"), **view})
+
+    async def message(self, msg: dict) -> None:
+        if self.session_id is None:
+            raise ApiError(409, "send a 'start' message first", code="no_session")
+        if self.turn_task is not None and not self.turn_task.done():
+            raise ApiError(409, "a reply is still being generated; cancel it or wait", code="busy")
+        try:
+            fields = SessionMessageRequest.model_validate({k: v for k, v in msg.items() if k not in ("type", "ref")})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ApiError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        plan, stream = await self.ingress._start_turn(self.session_id, self.owner, fields)
+        self.turn_task = asyncio.create_task(self._turn(plan, fields.content, stream, msg.get("ref")))
+
+    async def _turn(self, plan: TurnPlan, content: str, stream: ModelStream, ref) -> None:
+        await self.send({"type": "turn", "ref": ref, "session_id": plan.session_id,
+                         "history_turns_used": plan.history_turns_used,
+                         "history_turns_dropped": plan.history_turns_dropped})
+        try:
+            async for event in self.ingress._run_turn(plan, self.owner, content, stream):
+                await self.send({**event, "ref": ref})
+        except asyncio.CancelledError:
+            stream.cancel()
+            try:
+                await self.send({"type": "done", "ref": ref, "finish_reason": "cancelled", "usage": None})
+            except Exception:  # noqa: BLE001 - the socket may be gone
+                pass
+            raise
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512)
 @serve.ingress(app)
 class Ingress:
@@ -268,111 +376,3 @@ class Ingress:
             f"user:{ws.query_params['user']}" if ws.query_params.get("user") else "anonymous")
         conn = _WsConnection(self, ws, owner)
         await conn.serve()
-
-
-class _WsConnection:
-    """One WebSocket client. Protocol: docs/websocket.md."""
-
-    def __init__(self, ingress: "Ingress", ws: WebSocket, owner: str):
-        self.ingress = ingress
-        self.ws = ws
-        self.owner = owner
-        self.session_id: str | None = None
-        self.turn_task: asyncio.Task | None = None
-        self.send_lock = asyncio.Lock()
-
-    async def send(self, event: dict) -> None:
-        async with self.send_lock:
-            await self.ws.send_text(json.dumps(event))
-
-    async def error(self, message: str, code: str = "bad_request", status: int = 400, ref=None) -> None:
-        await self.send({"type": "error", "code": code, "message": message, "status": status, "ref": ref})
-
-    async def serve(self) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat())
-        try:
-            while True:
-                raw = await self.ws.receive_text()
-                try:
-                    msg = json.loads(raw)
-                    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-                        raise ValueError("a message must be a JSON object with a string 'type'")
-                except ValueError as exc:
-                    await self.error(f"invalid message: {exc}")
-                    continue
-                await self.handle(msg)
-        except WebSocketDisconnect:
-            pass
-        finally:
-            heartbeat.cancel()
-            if self.turn_task is not None:
-                self.turn_task.cancel()
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.ingress.settings.ws_heartbeat_s)
-            await self.send({"type": "ping", "ts": time.time()})
-
-    async def handle(self, msg: dict) -> None:
-        kind, ref = msg["type"], msg.get("ref")
-        try:
-            if kind == "ping":
-                await self.send({"type": "pong", "ref": ref})
-            elif kind == "pong":
-                pass
-            elif kind == "start":
-                await self.start(msg)
-            elif kind == "message":
-                await self.message(msg)
-            elif kind == "cancel":
-                if self.turn_task is None or self.turn_task.done():
-                    await self.error("no reply is being generated", "nothing_to_cancel", 409, ref)
-                else:
-                    self.turn_task.cancel()
-            else:
-                await self.error(f"unknown message type {kind!r}", ref=ref)
-        except ApiError as exc:
-            await self.error(exc.message, exc.code or exc.type, exc.status, ref)
-
-    async def start(self, msg: dict) -> None:
-        session_id = msg.get("session_id")
-        dialogue = self.ingress.dialogue
-        if session_id is None:
-            system_prompt = msg.get("system_prompt")
-            if system_prompt is not None and not isinstance(system_prompt, str):
-                raise ApiError(400, "system_prompt must be a string", param="system_prompt")
-            view = await self.ingress._call(dialogue.create_session.remote(self.owner, system_prompt, msg.get("title")))
-        elif isinstance(session_id, str):
-            view = await self.ingress._call(dialogue.get_session.remote(session_id, self.owner))
-        else:
-            raise ApiError(400, "session_id must be a string", param="session_id")
-        self.session_id = view["id"]
-        await self.send({"type": "session", "ref": msg.get("ref"), **view})
-
-    async def message(self, msg: dict) -> None:
-        if self.session_id is None:
-            raise ApiError(409, "send a 'start' message first", code="no_session")
-        if self.turn_task is not None and not self.turn_task.done():
-            raise ApiError(409, "a reply is still being generated; cancel it or wait", code="busy")
-        try:
-            fields = SessionMessageRequest.model_validate({k: v for k, v in msg.items() if k not in ("type", "ref")})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ApiError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-        plan, stream = await self.ingress._start_turn(self.session_id, self.owner, fields)
-        self.turn_task = asyncio.create_task(self._turn(plan, fields.content, stream, msg.get("ref")))
-
-    async def _turn(self, plan: TurnPlan, content: str, stream: ModelStream, ref) -> None:
-        await self.send({"type": "turn", "ref": ref, "session_id": plan.session_id,
-                         "history_turns_used": plan.history_turns_used,
-                         "history_turns_dropped": plan.history_turns_dropped})
-        try:
-            async for event in self.ingress._run_turn(plan, self.owner, content, stream):
-                await self.send({**event, "ref": ref})
-        except asyncio.CancelledError:
-            stream.cancel()
-            try:
-                await self.send({"type": "done", "ref": ref, "finish_reason": "cancelled", "usage": None})
-            except Exception:  # noqa: BLE001 - the socket may be gone
-                pass
-            raise
