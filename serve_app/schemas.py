@@ -92,6 +92,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens even past EOS (benchmarks)")
 
     @field_validator("stop")
     @classmethod
@@ -109,6 +110,7 @@ class SamplingFields(BaseModel):
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "seed": self.seed,
             "stop": (stop,) if isinstance(stop, str) else tuple(stop or ()),
+            "ignore_eos": self.ignore_eos,
         }
 
 

@@ -1,0 +1,13 @@
+"""``python -m benchmarks <engine|serve> ...``"""
+
+import sys
+
+from . import engine, serve
+
+COMMANDS = {"engine": engine.main, "serve": serve.main}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(f"usage: python -m benchmarks {{{'|'.join(COMMANDS)}}} [options]  (--help for each)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
