@@ -25,7 +25,7 @@ from engines.config import EngineConfig
 from engines.protocol import GenerationRequest, SamplingParams
 from engines.registry import create_engine
 
-from .machine import describe_machine, peak_rss_mb
+from .machine import describe_machine, emit_report, peak_rss_mb
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -132,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))
-    text = json.dumps(report, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    emit_report(report, args.json)
     return 0
 
 

@@ -1,7 +1,8 @@
-"""What machine a benchmark ran on, for the JSON output."""
+"""Shared by the benchmarks: what machine they ran on, and how they write their JSON report."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -35,3 +36,12 @@ def describe_machine() -> dict:
 
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def emit_report(report: dict, path: str | None) -> None:
+    """Print the report as JSON and, when ``path`` is given, write it there too."""
+    text = json.dumps(report, indent=2)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print(text)

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from .machine import describe_machine
+from .machine import describe_machine, emit_report
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -108,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))
-    text = json.dumps(report, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    emit_report(report, args.json)
     return 0
 
 
