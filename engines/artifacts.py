@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,8 +162,3 @@ def artifact_is_current(out: Path, source: str, dtype: str) -> bool:
         and manifest.get("dtype") == dtype
         and manifest.get("source_hash") == source_fingerprint(source)
     )
-
-
-def env_threads() -> int | None:
-    value = os.environ.get("ENGINE_NUM_THREADS")
-    return int(value) if value else None

@@ -130,6 +130,11 @@ class RowKVCache:
         values[self._row_index, :, self._positions] = value_states.transpose(1, 2)
         return keys[rows, :, : self._kv_len], values[rows, :, : self._kv_len]
 
+    @property
+    def kv_len(self) -> int:
+        """Key positions the planned forward attends over (the longest row's end)."""
+        return self._kv_len
+
     # The pieces of the Hugging Face Cache interface that model code may consult.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len

@@ -72,7 +72,6 @@ class Sequence:
     unsent: int = 0  # trailing output tokens not yet carried by a delta
     finish_reason: str | None = None
     abort_requested: bool = False
-    arrival_s: float = field(default_factory=time.monotonic)
 
     @property
     def request_id(self) -> str:
@@ -356,7 +355,7 @@ class TorchEngine:
         # Padding queries repeat the last real position: they see only real keys (no empty
         # softmax rows) and their outputs are dropped.
         positions = starts[:, None] + torch.minimum(offsets, (lengths - 1)[:, None])
-        key_pos = torch.arange(self.kv._kv_len, device=self.device)
+        key_pos = torch.arange(self.kv.kv_len, device=self.device)
         mask = key_pos[None, None, None, :] <= positions[:, None, :, None]
         hidden = self._decoder(input_ids=input_ids, position_ids=positions, attention_mask=mask,
                                past_key_values=self.kv, use_cache=True).last_hidden_state

@@ -55,9 +55,6 @@ class DialogueCore:
     async def list_sessions(self, owner: str) -> list[dict]:
         return [s.summary() for s in await self.store.list_for_owner(owner)]
 
-    def count_tokens(self, messages: list[dict]) -> int:
-        return len(self.render(messages))
-
     def render(self, messages: list[dict]) -> list[int]:
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)

@@ -372,7 +372,7 @@ class Ingress:
     @app.websocket("/v1/ws")
     async def websocket(self, ws: WebSocket):
         await ws.accept()
-        owner = owner_of(ws.headers) if owner_of(ws.headers) != "anonymous" else (
-            f"user:{ws.query_params['user']}" if ws.query_params.get("user") else "anonymous")
-        conn = _WsConnection(self, ws, owner)
-        await conn.serve()
+        owner = owner_of(ws.headers)
+        if owner == "anonymous" and ws.query_params.get("user"):
+            owner = f"user:{ws.query_params['user']}"  # browsers cannot set headers on a WebSocket
+        await _WsConnection(self, ws, owner).serve()
