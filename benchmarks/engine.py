@@ -25,7 +25,7 @@ from engines.config import EngineConfig
 from engines.protocol import GenerationRequest, SamplingParams
 from engines.registry import create_engine
 
-from .machine import describe_machine, emit_report, peak_rss_mb
+from .machine import describe_machine, int_list, peak_rss_mb, run_cli
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -125,15 +125,11 @@ async def run(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_ARTIFACT_DIR))
-    parser.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
+    parser.add_argument("--batch", type=int_list, default=[1, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--kv-budget-tokens", type=int, default=32768)
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args(argv)
-    report = asyncio.run(run(args))
-    emit_report(report, args.json)
-    return 0
+    return run_cli(parser, run, argv)
 
 
 if __name__ == "__main__":

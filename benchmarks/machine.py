@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -45,3 +46,16 @@ def emit_report(report: dict, path: str | None) -> None:
         with open(path, "w") as f:
             f.write(text + "\n")
     print(text)
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for ``1,8,32``."""
+    return [int(x) for x in text.split(",")]
+
+
+def run_cli(parser, run, argv: list[str] | None) -> int:
+    """Add ``--json``, parse ``argv``, run the async benchmark ``run(args)`` and emit its report."""
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    emit_report(asyncio.run(run(args)), args.json)
+    return 0

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from .machine import describe_machine, emit_report
+from .machine import describe_machine, int_list, run_cli
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -102,14 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", help="model id (default: the first from /v1/models)")
     parser.add_argument("--api-key", default="benchmark")
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
+    parser.add_argument("--concurrency", type=int_list, default=[1, 32])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args(argv)
-    report = asyncio.run(run(args))
-    emit_report(report, args.json)
-    return 0
+    return run_cli(parser, run, argv)
 
 
 if __name__ == "__main__":
