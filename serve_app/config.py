@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.config import EngineConfig
 
+from .moderation import ModerationSettings
+
 
 class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -54,4 +56,5 @@ class AppSettings(BaseModel):
 
     model: ModelSettings = ModelSettings()
     dialogue: DialogueSettings = DialogueSettings()
+    moderation: ModerationSettings = ModerationSettings()
     ws_heartbeat_s: float = Field(30.0, gt=0, description="Server ping interval on WebSocket connections")
