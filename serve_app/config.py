@@ -42,6 +42,7 @@ class DialogueSettings(BaseModel):
 
     store: Literal["memory", "redis"] = Field("memory", description="Session store backend")
     redis_url: str | None = Field(None, description="redis://host:port/db when store is redis (or env REDIS_URL)")
+    redis_key_prefix: str = Field("chatserve:", description="Prefix of every Redis key this app writes")
     context_budget_tokens: int = Field(1792, ge=64, description="Prompt tokens a session's next turn may use")
     context_trim_fraction: float = Field(
         0.6, gt=0, le=1, description="When the budget is exceeded, drop oldest turns until the prompt fits in this "
@@ -49,6 +50,8 @@ class DialogueSettings(BaseModel):
     session_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="Sessions expire this long after last activity")
     default_system_prompt: str | None = Field(None, description="System prompt of new sessions that give none")
     max_message_chars: int = Field(32_000, ge=1, description="Longest user message accepted")
+    reply_retention_s: float = Field(600, gt=0, description="A finished reply's events stay resumable this long")
+    max_reply_s: float = Field(900, gt=0, description="Longest a reply may take (its session stays locked meanwhile)")
 
 
 class AppSettings(BaseModel):

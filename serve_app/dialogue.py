@@ -37,14 +37,17 @@ class DialogueCore:
         self.prompts = PromptBuilder(self.tokenizer, self.settings.context_budget_tokens,
                                      self.settings.context_trim_fraction)
 
-    async def _owned(self, session_id: str, owner: str) -> Session:
+    async def _owned(self, session_id: str, owner: str, allow_members: bool = True) -> Session:
+        """The session if ``owner`` may use it: its owner, or anyone for a room."""
         session = await self.store.get(session_id)
-        if session is None or session.owner != owner:
+        if session is None or (session.owner != owner and not (session.room and allow_members)):
             raise SessionNotFoundError(f"session {session_id} not found")
         return session
 
-    async def create_session(self, owner: str, system_prompt: str | None = None, title: str | None = None) -> dict:
-        session = Session(owner=owner, system_prompt=system_prompt or self.settings.default_system_prompt, title=title)
+    async def create_session(self, owner: str, system_prompt: str | None = None, title: str | None = None,
+                             room: bool = False) -> dict:
+        session = Session(owner=owner, system_prompt=system_prompt or self.settings.default_system_prompt, title=title,
+                          room=room)
         await self.store.create(session)
         return session.view()
 
@@ -52,7 +55,7 @@ class DialogueCore:
         return (await self._owned(session_id, owner)).view()
 
     async def delete_session(self, session_id: str, owner: str) -> None:
-        await self._owned(session_id, owner)
+        await self._owned(session_id, owner, allow_members=False)
         await self.store.delete(session_id)
 
     async def list_sessions(self, owner: str) -> list[dict]:
@@ -66,7 +69,7 @@ class DialogueCore:
         session = await self._owned(session_id, owner)
         system = [{"role": "system", "content": session.system_prompt}] if session.system_prompt else []
         window = self.prompts.next_window(system, session.turns, content)
-        return TurnPlan(session_id=session_id, turn_index=len(session.turns), prompt_token_ids=window.prompt_ids, context_ids=window.context_ids,
+        return TurnPlan(session_id=session_id, turn_index=len(session.turns), room=session.room, prompt_token_ids=window.prompt_ids, context_ids=window.context_ids,
                         window_start=window.window_start, append_only=window.append_only,
                         history_turns_used=len(session.turns) - window.window_start,
                         history_turns_dropped=window.window_start)

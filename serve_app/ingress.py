@@ -29,13 +29,10 @@ from engines.protocol import Delta, GenerationRequest, SamplingParams
 
 from .config import AppSettings
 from .errors import ApiError, to_api_error
-from .schemas import (
-    ChatCompletionRequest,
-    CreateSessionRequest,
-    SessionMessageRequest,
-    Turn,
-    TurnPlan,
-)
+from .moderation import Moderator
+from .replies import create_event_log
+from .schemas import ChatCompletionRequest, CreateSessionRequest, SessionMessageRequest
+from .turns import ModelStream, TurnRunner, call, check_input, masked, room_log, usage_of
 
 logger = logging.getLogger("ray.serve")
 
@@ -78,59 +75,23 @@ def conversation_key(messages: tuple[dict, ...]) -> str:
     return "conv:" + hashlib.sha256(json.dumps(head).encode()).hexdigest()[:24]
 
 
-def turn_event(plan: TurnPlan) -> dict:
-    return {"type": "turn", "session_id": plan.session_id, "turn_index": plan.turn_index,
-            "history_turns_used": plan.history_turns_used, "history_turns_dropped": plan.history_turns_dropped,
-            "prompt_tokens": len(plan.prompt_token_ids), "append_only": plan.append_only}
-
-
-class ModelStream:
-    """A model replica's delta stream, opened and peeked: errors before the first delta raise here."""
-
-    def __init__(self, response):
-        self._response = response
-        self.first: Delta | None = None
-        self.finished = False
-
-    @classmethod
-    async def open(cls, handle: DeploymentHandle, request: GenerationRequest, affinity_key: str | None) -> "ModelStream":
-        stream = cls(handle.options(stream=True).generate.remote(request, affinity_key=affinity_key))
-        try:
-            stream.first = await stream._response.__anext__()
-        except BaseException as exc:
-            stream.cancel()
-            raise to_api_error(exc) from None
-        return stream
-
-    async def __aiter__(self) -> AsyncIterator[Delta]:
-        try:
-            delta = self.first
-            while True:
-                yield delta
-                if delta.finish_reason is not None:
-                    self.finished = True
-                    return
-                delta = await self._response.__anext__()
-        finally:
-            if not self.finished:
-                self.cancel()
-
-    def cancel(self) -> None:
-        try:
-            self._response.cancel()
-        except Exception:  # noqa: BLE001 - already finished
-            pass
-
-
 class _WsConnection:
-    """One WebSocket client. Protocol: docs/websocket.md."""
+    """One WebSocket client. Protocol: docs/websocket.md.
 
-    def __init__(self, ingress: "Ingress", ws: WebSocket, owner: str):
+    The connection only reads event logs: the reply it asked for, a reply it resumes, or the
+    timeline of the room it joined. Replies are produced by :class:`TurnRunner` and go on when the
+    socket drops; only ``cancel`` stops one."""
+
+    def __init__(self, ingress: "Ingress", ws: WebSocket, owner: str, name: str | None):
         self.ingress = ingress
+        self.turns: TurnRunner = ingress.turns
         self.ws = ws
         self.owner = owner
+        self.name = name or owner
         self.session_id: str | None = None
-        self.turn_task: asyncio.Task | None = None
+        self.room = False
+        self.reply_id: str | None = None
+        self.reader: asyncio.Task | None = None
         self.send_lock = asyncio.Lock()
 
     async def send(self, event: dict) -> None:
@@ -157,8 +118,8 @@ class _WsConnection:
             pass
         finally:
             heartbeat.cancel()
-            if self.turn_task is not None:
-                self.turn_task.cancel()
+            if self.reader is not None:
+                self.reader.cancel()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -174,58 +135,98 @@ class _WsConnection:
                 pass
             elif kind == "start":
                 await self.start(msg)
+            elif kind == "join":
+                await self.join(msg)
             elif kind == "message":
                 await self.message(msg)
+            elif kind == "resume":
+                await self.resume(msg)
             elif kind == "cancel":
-                if self.turn_task is None or self.turn_task.done():
-                    await self.error("no reply is being generated", "nothing_to_cancel", 409, ref)
-                else:
-                    self.turn_task.cancel()
+                if self.reply_id is None:
+                    raise ApiError(409, "no reply is being generated", code="nothing_to_cancel")
+                await self.turns.cancel(self.reply_id)
             else:
                 await self.error(f"unknown message type {kind!r}", ref=ref)
         except ApiError as exc:
             await self.error(exc.message, exc.code or exc.type, exc.status, ref)
 
+    @staticmethod
+    def _str_field(msg: dict, name: str) -> str | None:
+        value = msg.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, f"{name} must be a string", param=name)
+        return value
+
     async def start(self, msg: dict) -> None:
-        session_id = msg.get("session_id")
+        session_id = self._str_field(msg, "session_id")
         dialogue = self.ingress.dialogue
         if session_id is None:
-            system_prompt = msg.get("system_prompt")
-            if system_prompt is not None and not isinstance(system_prompt, str):
-                raise ApiError(400, "system_prompt must be a string", param="system_prompt")
-            view = await self.ingress._call(dialogue.create_session.remote(self.owner, system_prompt, msg.get("title")))
-        elif isinstance(session_id, str):
-            view = await self.ingress._call(dialogue.get_session.remote(session_id, self.owner))
+            view = await call(dialogue.create_session.remote(self.owner, self._str_field(msg, "system_prompt"),
+                                                             self._str_field(msg, "title"), bool(msg.get("room"))))
         else:
-            raise ApiError(400, "session_id must be a string", param="session_id")
-        self.session_id = view["id"]
+            view = await call(dialogue.get_session.remote(session_id, self.owner))
+        if view["room"]:
+            await self._enter_room(view, msg)
+            return
+        self._follow(None)
+        self.session_id, self.room = view["id"], False
         await self.send({"type": "session", "ref": msg.get("ref"), **view})
+
+    async def join(self, msg: dict) -> None:
+        session_id = self._str_field(msg, "session_id")
+        if session_id is None:
+            raise ApiError(400, "join needs the room's session_id", param="session_id")
+        view = await call(self.ingress.dialogue.get_session.remote(session_id, self.owner))
+        if not view["room"]:
+            raise ApiError(400, f"session {session_id} is not a room", param="session_id", code="not_a_room")
+        await self._enter_room(view, msg)
+
+    async def _enter_room(self, view: dict, msg: dict) -> None:
+        """Join a room: the history, then its timeline from ``last_event_id`` (missed events) on."""
+        after = self._str_field(msg, "last_event_id")
+        self.session_id, self.room = view["id"], True
+        await self.ingress.open_room(view["id"])
+        await self.send({"type": "session", "ref": msg.get("ref"), **view})
+        if after is None:  # a first join: only what happens from now on (the history came above)
+            after = await self.turns.log.last_id(room_log(view["id"]))
+        await self.turns.log.append(room_log(view["id"]), {"type": "member_joined", "member": self.name})
+        self._follow(self.turns.events(room_log(view["id"]), after, until_end=False))
 
     async def message(self, msg: dict) -> None:
         if self.session_id is None:
-            raise ApiError(409, "send a 'start' message first", code="no_session")
-        if self.turn_task is not None and not self.turn_task.done():
-            raise ApiError(409, "a reply is still being generated; cancel it or wait", code="busy")
+            raise ApiError(409, "send a 'start' or 'join' message first", code="no_session")
         try:
             fields = SessionMessageRequest.model_validate({k: v for k, v in msg.items() if k not in ("type", "ref")})
         except ValidationError as exc:
             first = exc.errors()[0]
             raise ApiError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-        plan, stream = await self.ingress._start_turn(self.session_id, self.owner, fields)
-        self.turn_task = asyncio.create_task(self._turn(plan, fields.content, stream, msg.get("ref")))
+        self.reply_id = await self.turns.start(self.session_id, self.owner, fields, author=self.name)
+        if not self.room:  # in a room the timeline already carries the reply
+            self._follow(self.turns.events(self.reply_id, None), msg.get("ref"))
 
-    async def _turn(self, plan: TurnPlan, content: str, stream: ModelStream, ref) -> None:
-        await self.send({**turn_event(plan), "ref": ref})
+    async def resume(self, msg: dict) -> None:
+        reply_id = self._str_field(msg, "reply_id")
+        if reply_id is None:
+            raise ApiError(400, "resume needs reply_id", param="reply_id")
+        meta = await self.turns.check_reply(reply_id, self._str_field(msg, "session_id") or self.session_id or "",
+                                            self.owner)
+        self.session_id, self.reply_id = meta["session_id"], reply_id
+        self._follow(self.turns.events(reply_id, self._str_field(msg, "last_event_id")), msg.get("ref"))
+
+    def _follow(self, events, ref=None) -> None:
+        """Forward one event log to the socket (replacing whatever was forwarded before)."""
+        if self.reader is not None:
+            self.reader.cancel()
+        self.reader = asyncio.create_task(self._forward(events, ref)) if events is not None else None
+
+    async def _forward(self, events, ref) -> None:
         try:
-            async for event in self.ingress._run_turn(plan, self.owner, content, stream):
-                await self.send({**event, "ref": ref})
-        except asyncio.CancelledError:
-            stream.cancel()
-            try:
-                await self.send({"type": "done", "ref": ref, "finish_reason": "cancelled", "usage": None})
-            except Exception:  # noqa: BLE001 - the socket may be gone
-                pass
-            raise
+            async for event_id, event in events:
+                await self.send({**event, "id": event_id, "ref": ref})
+                if event["type"] in ("done", "error") and event.get("reply_id") == self.reply_id:
+                    self.reply_id = None
+        except ApiError as exc:
+            await self.error(exc.message, exc.code or exc.type, exc.status, ref)
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512)
@@ -236,6 +237,11 @@ class Ingress:
         self.dialogue = dialogue
         self.settings = settings
         self.model_name = settings.model.served_model_name
+        moderator = Moderator.from_settings(settings.moderation)
+        self.moderator = moderator if moderator.words else None
+        self.turns = TurnRunner(model, dialogue, create_event_log(settings.dialogue), self.moderator,
+                                retention_s=settings.dialogue.reply_retention_s,
+                                max_reply_s=settings.dialogue.max_reply_s)
 
     # -- health ----------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -266,11 +272,14 @@ class Ingress:
         try:
             messages = tuple({"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                              for m in body.messages)
+            for i, m in enumerate(messages):
+                if m["role"] == "user":
+                    check_input(self.moderator, m["content"], param=f"messages.{i}.content")
             request = GenerationRequest(messages=messages, sampling=sampling_from(body),
                                         use_prefix_cache=body.cache_prompt)
         except ValueError as exc:
             raise to_api_error(exc) from None
-        stream = await ModelStream.open(self.model, request, conversation_key(messages))
+        stream = masked(await ModelStream.open(self.model, request, conversation_key(messages)), self.moderator)
         completion_id = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
         if body.stream:
@@ -284,16 +293,10 @@ class Ingress:
             "id": completion_id, "object": "chat.completion", "created": created, "model": self.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                          "finish_reason": last.finish_reason, "logprobs": None}],
-            "usage": self._usage(last),
+            "usage": usage_of(last),
         }
 
-    @staticmethod
-    def _usage(delta: Delta) -> dict:
-        u = delta.usage
-        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
-
-    async def _openai_chunks(self, stream: ModelStream, completion_id: str, created: int, include_usage: bool):
+    async def _openai_chunks(self, stream: AsyncIterator[Delta], completion_id: str, created: int, include_usage: bool):
         def chunk(delta: dict, finish_reason=None, usage=None, choices=True) -> dict:
             body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
@@ -310,7 +313,7 @@ class Ingress:
                 if delta.finish_reason is not None:
                     yield chunk({}, finish_reason=delta.finish_reason)
                     if include_usage:
-                        yield chunk({}, usage=self._usage(delta), choices=False)
+                        yield chunk({}, usage=usage_of(delta), choices=False)
         except Exception as exc:  # noqa: BLE001 - reported in-band: the status line is already sent
             yield {"data": json.dumps(to_api_error(exc).body())}
         yield {"data": "[DONE]"}
@@ -319,73 +322,62 @@ class Ingress:
     @app.post("/v1/sessions", status_code=201)
     async def create_session(self, request: Request, body: CreateSessionRequest | None = None):
         body = body or CreateSessionRequest()
-        return await self._call(self.dialogue.create_session.remote(owner_of(request.headers), body.system_prompt,
-                                                                     body.title))
+        view = await call(self.dialogue.create_session.remote(owner_of(request.headers), body.system_prompt,
+                                                               body.title, body.room))
+        if view["room"]:
+            await self.open_room(view["id"])
+        return view
 
     @app.get("/v1/sessions")
     async def list_sessions(self, request: Request):
-        return {"object": "list", "data": await self._call(self.dialogue.list_sessions.remote(owner_of(request.headers)))}
+        return {"object": "list", "data": await call(self.dialogue.list_sessions.remote(owner_of(request.headers)))}
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str, request: Request):
-        return await self._call(self.dialogue.get_session.remote(session_id, owner_of(request.headers)))
+        return await call(self.dialogue.get_session.remote(session_id, owner_of(request.headers)))
 
     @app.delete("/v1/sessions/{session_id}", status_code=204)
     async def delete_session(self, session_id: str, request: Request):
-        await self._call(self.dialogue.delete_session.remote(session_id, owner_of(request.headers)))
+        await call(self.dialogue.delete_session.remote(session_id, owner_of(request.headers)))
 
     @app.post("/v1/sessions/{session_id}/messages")
     async def session_message(self, session_id: str, body: SessionMessageRequest, request: Request):
+        """Start the next turn; the response streams the reply's events (SSE, each with an ``id:``).
+        ``Content-Location`` names the reply: GET it with ``Last-Event-ID`` to resume."""
         owner = owner_of(request.headers)
-        plan, stream = await self._start_turn(session_id, owner, body)
+        reply_id = await self.turns.start(session_id, owner, body, author=request.headers.get("x-user-id"))
+        meta = await self.turns.check_reply(reply_id, session_id, owner)
+        return EventSourceResponse(self._sse(reply_id, meta, None), ping=15,
+                                   headers={"Content-Location": f"/v1/sessions/{session_id}/replies/{reply_id}"})
 
-        async def events():
-            yield {"event": "turn", "data": json.dumps(turn_event(plan))}
-            async for event in self._run_turn(plan, owner, body.content, stream):
-                yield {"event": event["type"], "data": json.dumps(event)}
+    @app.get("/v1/sessions/{session_id}/replies/{reply_id}")
+    async def reply_events(self, session_id: str, reply_id: str, request: Request):
+        """A reply's events after ``Last-Event-ID`` (all without it): stored, then live, then the end."""
+        meta = await self.turns.check_reply(reply_id, session_id, owner_of(request.headers))
+        return EventSourceResponse(self._sse(reply_id, meta, request.headers.get("last-event-id")), ping=15)
 
-        return EventSourceResponse(events(), ping=15)
+    @app.post("/v1/sessions/{session_id}/replies/{reply_id}/cancel", status_code=202)
+    async def cancel_reply(self, session_id: str, reply_id: str, request: Request):
+        await self.turns.check_reply(reply_id, session_id, owner_of(request.headers))
+        await self.turns.cancel(reply_id)
+        return {"reply_id": reply_id, "status": "cancelling"}
 
-    async def _call(self, response):
-        try:
-            return await response
-        except Exception as exc:  # noqa: BLE001 - mapped to a status
-            raise to_api_error(exc) from None
+    async def _sse(self, reply_id: str, meta: dict, after: str | None):
+        key = room_log(meta["session_id"]) if meta.get("room") else reply_id
+        async for event_id, event in self.turns.events(key, after):
+            if event.get("reply_id") not in (None, reply_id):
+                continue  # a room's timeline holds other replies too
+            yield {"id": event_id, "event": event["type"], "data": json.dumps(event)}
+            if key != reply_id and event["type"] in ("done", "error") and event.get("reply_id") == reply_id:
+                return
 
-    async def _start_turn(self, session_id: str, owner: str, fields: SessionMessageRequest) -> tuple[TurnPlan, ModelStream]:
-        try:
-            sampling = sampling_from(fields)
-        except ValueError as exc:
-            raise to_api_error(exc) from None
-        plan: TurnPlan = await self._call(self.dialogue.prepare_turn.remote(session_id, owner, fields.content))
-        request = GenerationRequest(prompt_token_ids=tuple(plan.prompt_token_ids), sampling=sampling,
-                                    use_prefix_cache=fields.cache_prompt)
-        return plan, await ModelStream.open(self.model, request, affinity_key=session_id)
-
-    async def _run_turn(self, plan: TurnPlan, owner: str, content: str, stream: ModelStream):
-        """Stream a turn's deltas as events; save the turn only once the reply is complete.
-        A cancelled or failed reply saves nothing, so the history never holds half a turn."""
-        parts: list[str] = []
-        generated_ids: list[int] = []
-        try:
-            async for delta in stream:
-                generated_ids += delta.token_ids
-                if delta.text:
-                    parts.append(delta.text)
-                    yield {"type": "delta", "text": delta.text}
-                if delta.finish_reason is not None:
-                    usage = self._usage(delta)
-                    turn = Turn(user=content, assistant="".join(parts), finish_reason=delta.finish_reason,
-                                prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])
-                    await self._call(self.dialogue.commit_turn.remote(plan.session_id, owner, plan, turn,
-                                                                      generated_ids))
-                    yield {"type": "done", "finish_reason": delta.finish_reason, "usage": usage,
-                           "replica": delta.served_by}
-        except ApiError as exc:
-            yield {"type": "error", **exc.body()["error"], "status": exc.status}
-        except Exception as exc:  # noqa: BLE001 - reported in-band
-            err = to_api_error(exc)
-            yield {"type": "error", **err.body()["error"], "status": err.status}
+    async def open_room(self, session_id: str) -> None:
+        """Make sure a room's timeline exists; it lives as long as the session."""
+        ttl_s = self.settings.dialogue.session_ttl_s
+        if await self.turns.log.meta(room_log(session_id)) is None:
+            await self.turns.log.create(room_log(session_id), {"session_id": session_id, "room": True}, ttl_s)
+        else:
+            await self.turns.log.touch(room_log(session_id), ttl_s)
 
     # -- WebSocket -------------------------------------------------------------------------------
     @app.websocket("/v1/ws")
@@ -394,4 +386,4 @@ class Ingress:
         owner = owner_of(ws.headers)
         if owner == "anonymous" and ws.query_params.get("user"):
             owner = f"user:{ws.query_params['user']}"  # browsers cannot set headers on a WebSocket
-        await _WsConnection(self, ws, owner).serve()
+        await _WsConnection(self, ws, owner, ws.query_params.get("user") or ws.headers.get("x-user-id")).serve()

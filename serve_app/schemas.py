@@ -31,6 +31,7 @@ class Session(BaseModel):
     owner: str
     system_prompt: str | None = None
     title: str | None = None
+    room: bool = False  # a group chat: anyone with the id may join and talk (the id is the invitation)
     turns: list[Turn] = Field(default_factory=list)
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
@@ -42,7 +43,7 @@ class Session(BaseModel):
         return out
 
     def summary(self) -> dict:
-        return {"id": self.id, "title": self.title, "created_at": self.created_at, "updated_at": self.updated_at,
+        return {"id": self.id, "title": self.title, "room": self.room, "created_at": self.created_at, "updated_at": self.updated_at,
                 "turns": len(self.turns)}
 
     def view(self) -> dict:
@@ -54,6 +55,7 @@ class TurnPlan(BaseModel):
 
     session_id: str
     turn_index: int  # how many turns the session had when the prompt was built
+    room: bool
     prompt_token_ids: list[int]
     context_ids: list[int]
     window_start: int
@@ -137,6 +139,7 @@ class CreateSessionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     system_prompt: str | None = None
     title: str | None = Field(None, max_length=200)
+    room: bool = Field(False, description="A group chat several WebSocket clients join (docs/websocket.md)")
 
 
 class SessionMessageRequest(SamplingFields):

@@ -11,6 +11,7 @@ from serve_app.app import build_app
 TEST_ARGS = {
     "model": {"num_threads": 2, "max_seq_len": 1024, "kv_budget_tokens": 16384, "default_max_tokens": 64},
     "dialogue": {"context_budget_tokens": 512},
+    "moderation": {"blocked_words": ["verboten", "forbidden phrase"], "mask_output": True},
     "ws_heartbeat_s": 1.0,
 }
 

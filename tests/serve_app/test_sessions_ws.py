@@ -76,7 +76,8 @@ async def ws_until(ws, kind, timeout=60):
         event = json.loads(await asyncio.wait_for(ws.recv(), timeout))
         if event["type"] == kind:
             return event, seen
-        seen.append(event)
+        if event["type"] != "ping":  # heartbeats come at any time
+            seen.append(event)
 
 
 def ws_url(base_url):
