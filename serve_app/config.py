@@ -42,6 +42,7 @@ class DialogueSettings(BaseModel):
 
     store: Literal["memory", "redis"] = Field("memory", description="Session store backend")
     redis_url: str | None = Field(None, description="redis://host:port/db when store is redis (or env REDIS_URL)")
+    redis_key_prefix: str = Field("chatserve:", description="Prefix of every Redis key the session store writes")
     context_budget_tokens: int = Field(1792, ge=64, description="Prompt tokens a session's next turn may use")
     context_trim_fraction: float = Field(
         0.6, gt=0, le=1, description="When the budget is exceeded, drop oldest turns until the prompt fits in this "
