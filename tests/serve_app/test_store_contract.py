@@ -20,7 +20,7 @@ import redis
 from serve_app.config import AppSettings, DialogueSettings
 from serve_app.dialogue import DialogueCore, SessionNotFoundError
 from serve_app.redis_store import DEFAULT_REDIS_URL, RedisSessionStore
-from serve_app.schemas import Session, Turn
+from serve_app.schemas import Session, Turn, TurnPlan
 from serve_app.store import InMemorySessionStore, SessionStore, SessionStoreUnavailableError, create_store
 
 RUN_PREFIX = f"chatserve-test:{uuid.uuid4().hex[:12]}:"
@@ -120,7 +120,8 @@ async def test_append_returns_updated_session_in_order(make_store):
     store = make_store()
     session = Session(owner="alice")
     await store.create(session)
-    appended = [turn(f"m{i}", prompt_tokens=i, completion_tokens=2 * i) for i in range(4)]
+    appended = [turn(f"m{i}", prompt_tokens=i, completion_tokens=2 * i, context_ids=[i, 7], reply_ids=[i] * i)
+                for i in range(4)]
     for i, t in enumerate(appended):
         updated = await store.append_turn(session.id, t)
         assert updated is not None and updated.turns == appended[:i + 1]
@@ -194,8 +195,10 @@ async def test_another_identity_gets_not_found(make_store):
         await core.get_session(created["id"], "mallory")
     with pytest.raises(SessionNotFoundError):
         await core.delete_session(created["id"], "mallory")
+    plan = TurnPlan(session_id=created["id"], turn_index=0, prompt_token_ids=[1], context_ids=[1], window_start=0,
+                    append_only=True, history_turns_used=0, history_turns_dropped=0)
     with pytest.raises(SessionNotFoundError):
-        await core.commit_turn(created["id"], "mallory", turn("sneaky"))
+        await core.commit_turn(created["id"], "mallory", plan, turn("sneaky"), generated_ids=[2])
     assert await core.list_sessions("mallory") == []
     assert [s["id"] for s in await core.list_sessions("alice")] == [created["id"]]
     assert (await core.get_session(created["id"], "alice"))["turns"] == 0
