@@ -5,23 +5,32 @@ Contract (every implementation, checked by the same test suite):
 - ``append_turn`` is atomic per session: concurrent appends are all kept, in call order.
 - sessions expire ``ttl_s`` after their last activity; reading or appending refreshes the TTL.
 - a session belongs to its ``owner``; the dialogue deployment checks ownership.
+- ``list_for_owner`` returns the owner's live sessions only, most recently active first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Protocol
 
 from .schemas import Session, Turn
 
 
+class SessionStoreUnavailableError(RuntimeError):
+    """The store's backend cannot be reached (e.g. Redis is down); the request may be retried later."""
+
+
 class SessionStore(Protocol):
-    async def create(self, session: Session) -> None: ...
+    async def create(self, session: Session) -> None:
+        """Store ``session`` (replacing one with the same id); its TTL starts now."""
 
-    async def get(self, session_id: str) -> Session | None: ...
+    async def get(self, session_id: str) -> Session | None:
+        """The session, or None if unknown or expired; reading refreshes the TTL."""
 
-    async def delete(self, session_id: str) -> bool: ...
+    async def delete(self, session_id: str) -> bool:
+        """Remove the session and its turns; False if there was none."""
 
     async def append_turn(self, session_id: str, turn: Turn) -> Session | None:
         """Append atomically; returns the updated session, or None if it does not exist."""
@@ -74,6 +83,14 @@ class InMemorySessionStore:
 
 
 def create_store(settings) -> SessionStore:
+    """The store ``settings.store`` names (a :class:`~serve_app.config.DialogueSettings`). Redis is at
+    ``settings.redis_url``, else env ``REDIS_URL``, else ``redis://127.0.0.1:6379/0``; it is
+    contacted at first use."""
     if settings.store == "memory":
         return InMemorySessionStore(settings.session_ttl_s)
-    raise ValueError(f"session store {settings.store!r} is not available in this release; use 'memory'")
+    if settings.store == "redis":
+        from .redis_store import DEFAULT_REDIS_URL, RedisSessionStore
+
+        url = settings.redis_url or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+        return RedisSessionStore.from_url(url, settings.session_ttl_s, settings.redis_key_prefix)
+    raise ValueError(f"unknown session store {settings.store!r}; use 'memory' or 'redis'")

@@ -1,0 +1,268 @@
+"""One contract for every session store, run against the in-memory store and a real Redis server.
+
+Redis: ``REDIS_URL`` (or 127.0.0.1:6379) if it answers PING, else a private ``redis-server`` on a
+free port for this run. Each test writes under its own key prefix; the run's keys are deleted after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+import redis
+
+from serve_app.config import AppSettings, DialogueSettings
+from serve_app.dialogue import DialogueCore, SessionNotFoundError
+from serve_app.redis_store import DEFAULT_REDIS_URL, RedisSessionStore
+from serve_app.schemas import Session, Turn, TurnPlan
+from serve_app.store import InMemorySessionStore, SessionStore, SessionStoreUnavailableError, create_store
+
+RUN_PREFIX = f"chatserve-test:{uuid.uuid4().hex[:12]}:"
+
+
+def _answers_ping(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+    server = None
+    if not _answers_ping(url):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(f"no Redis answers at {url} and there is no redis-server binary to start one: "
+                        "install redis-server (.ci/run does) or set REDIS_URL")
+        port = _free_port()
+        url = f"redis://127.0.0.1:{port}/0"
+        server = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(tmp_path_factory.mktemp("redis"))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while not _answers_ping(url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"private redis-server on port {port} did not start: {server.communicate()[1]}")
+            time.sleep(0.05)
+    yield url
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=f"{RUN_PREFIX}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+    if server is not None:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"{RUN_PREFIX}{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_store(request, redis_prefix):
+    """``make_store(ttl_s)``: a new store of the parametrized kind (redis ones share one key prefix)."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    opened: list[RedisSessionStore] = []
+
+    def make(ttl_s: float = 60.0) -> SessionStore:
+        if url is None:
+            return InMemorySessionStore(ttl_s)
+        opened.append(RedisSessionStore.from_url(url, ttl_s, key_prefix=redis_prefix))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        await store.aclose()
+
+
+def turn(text: str, **fields) -> Turn:
+    return Turn(user=text, assistant=f"re: {text}", finish_reason="stop", **fields)
+
+
+# -- the contract -------------------------------------------------------------------------------------------
+
+async def test_create_get_delete(make_store):
+    store = make_store()
+    session = Session(owner="alice", system_prompt="be brief", title="t", turns=[turn("hi")])
+    await store.create(session)
+    got = await store.get(session.id)
+    assert got is not None
+    assert got.model_dump(exclude={"updated_at"}) == session.model_dump(exclude={"updated_at"})
+    assert got.updated_at >= session.updated_at
+    assert await store.get("no-such-session") is None
+    assert await store.delete(session.id) is True
+    assert await store.get(session.id) is None
+    assert await store.delete(session.id) is False
+
+
+async def test_append_returns_updated_session_in_order(make_store):
+    store = make_store()
+    session = Session(owner="alice")
+    await store.create(session)
+    appended = [turn(f"m{i}", prompt_tokens=i, completion_tokens=2 * i, context_ids=[i, 7], reply_ids=[i] * i)
+                for i in range(4)]
+    for i, t in enumerate(appended):
+        updated = await store.append_turn(session.id, t)
+        assert updated is not None and updated.turns == appended[:i + 1]
+        assert updated.owner == "alice" and updated.id == session.id
+    assert (await store.get(session.id)).turns == appended
+    assert await store.append_turn("no-such-session", turn("x")) is None
+    assert await store.get("no-such-session") is None
+
+
+async def test_concurrent_appends_on_one_session(make_store):
+    store = make_store()
+    session = Session(owner="alice")
+    await store.create(session)
+    writers, turns_each = 50, 3
+
+    async def writer(w: int) -> list[Session | None]:
+        return [await store.append_turn(session.id, turn(f"w{w}-{k}")) for k in range(turns_each)]
+
+    results = [s for per_writer in await asyncio.gather(*(writer(w) for w in range(writers))) for s in per_writer]
+    final = (await store.get(session.id)).turns
+    users = [t.user for t in final]
+    assert sorted(users) == sorted(f"w{w}-{k}" for w in range(writers) for k in range(turns_each))  # each once
+    for w in range(writers):
+        assert [u for u in users if u.startswith(f"w{w}-")] == [f"w{w}-{k}" for k in range(turns_each)]
+    # Each append saw the session right after itself: its own turn last, and a length no other append saw.
+    assert sorted(len(s.turns) for s in results) == list(range(1, writers * turns_each + 1))
+    assert all(s.turns == final[:len(s.turns)] for s in results)
+
+
+async def test_ttl_is_refreshed_by_activity(make_store):
+    store = make_store(ttl_s=2.0)
+    active, idle = Session(owner="alice"), Session(owner="alice")
+    await store.create(active)
+    await store.create(idle)
+    for second in range(1, 5):  # touch `active` every second, alternating reads and appends
+        await asyncio.sleep(1.0)
+        if second % 2:
+            assert await store.get(active.id) is not None, f"expired after {second} s despite activity"
+        else:
+            assert await store.append_turn(active.id, turn(f"t{second}")) is not None
+        if second == 3:
+            assert await store.get(idle.id) is None, "an untouched session outlived its TTL"
+            assert await store.append_turn(idle.id, turn("late")) is None
+    assert [s.id for s in await store.list_for_owner("alice")] == [active.id]
+    assert [t.user for t in (await store.get(active.id)).turns] == ["t2", "t4"]
+
+
+async def test_listing_is_per_owner_newest_first(make_store):
+    store = make_store()
+    alice = [Session(owner="alice", title=f"a{i}") for i in range(3)]
+    bob = Session(owner="bob")
+    for s in [*alice, bob]:
+        await store.create(s)
+        await asyncio.sleep(0.01)
+    await store.append_turn(alice[0].id, turn("bump"))
+    listed = await store.list_for_owner("alice")
+    assert [s.id for s in listed] == [alice[0].id, alice[2].id, alice[1].id]
+    assert all(s.owner == "alice" for s in listed)
+    assert [t.user for t in listed[0].turns] == ["bump"]
+    assert [s.id for s in await store.list_for_owner("bob")] == [bob.id]
+    assert await store.list_for_owner("carol") == []
+    assert await store.delete(alice[2].id)
+    assert [s.id for s in await store.list_for_owner("alice")] == [alice[0].id, alice[1].id]
+
+
+async def test_another_identity_gets_not_found(make_store):
+    core = DialogueCore(AppSettings(), store=make_store(), tokenizer=object())
+    created = await core.create_session("alice", title="mine")
+    assert (await core.get_session(created["id"], "alice"))["title"] == "mine"
+    with pytest.raises(SessionNotFoundError):
+        await core.get_session(created["id"], "mallory")
+    with pytest.raises(SessionNotFoundError):
+        await core.delete_session(created["id"], "mallory")
+    plan = TurnPlan(session_id=created["id"], turn_index=0, prompt_token_ids=[1], context_ids=[1], window_start=0,
+                    append_only=True, history_turns_used=0, history_turns_dropped=0)
+    with pytest.raises(SessionNotFoundError):
+        await core.commit_turn(created["id"], "mallory", plan, turn("sneaky"), generated_ids=[2])
+    assert await core.list_sessions("mallory") == []
+    assert [s["id"] for s in await core.list_sessions("alice")] == [created["id"]]
+    assert (await core.get_session(created["id"], "alice"))["turns"] == 0
+
+
+# -- Redis only ---------------------------------------------------------------------------------------------
+
+async def test_redis_keys_all_expire_and_delete_leaves_nothing(redis_url, redis_prefix):
+    store = RedisSessionStore.from_url(redis_url, ttl_s=30, key_prefix=redis_prefix)
+    try:
+        session = Session(owner="alice")
+        await store.create(session)
+        await store.append_turn(session.id, turn("hi"))
+        keys = sorted(await store.client.keys(f"{redis_prefix}*"))
+        assert keys == sorted([f"{redis_prefix}session:{session.id}", f"{redis_prefix}session:{session.id}:turns",
+                               f"{redis_prefix}owner:alice"])
+        for key in keys:
+            assert 0 < await store.client.pttl(key) <= 30_000, key
+        assert await store.delete(session.id)
+        assert await store.client.keys(f"{redis_prefix}*") == []
+    finally:
+        await store.aclose()
+
+
+async def test_redis_replicas_share_sessions(redis_url, redis_prefix):
+    """Writers on two stores (two replicas' clients) appending to one session lose and reorder nothing."""
+    stores = [RedisSessionStore.from_url(redis_url, ttl_s=30, key_prefix=redis_prefix) for _ in range(2)]
+    try:
+        session = Session(owner="alice")
+        await stores[0].create(session)
+
+        async def writer(name: str, store: RedisSessionStore) -> None:
+            for k in range(5):
+                await store.append_turn(session.id, turn(f"{name}-{k}"))
+
+        names = [f"r{r}w{w}" for r in range(2) for w in range(10)]
+        await asyncio.gather(*(writer(name, stores[int(name[1])]) for name in names))
+        users = [t.user for t in (await stores[1].get(session.id)).turns]
+        assert len(users) == 100
+        for name in names:
+            assert [u for u in users if u.startswith(f"{name}-")] == [f"{name}-{k}" for k in range(5)]
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_create_store_picks_redis_from_settings_or_env(redis_url, redis_prefix, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    store = create_store(DialogueSettings(store="redis", session_ttl_s=30, redis_key_prefix=redis_prefix))
+    assert isinstance(store, RedisSessionStore) and store.key_prefix == redis_prefix and store.ttl_s == 30
+    try:
+        session = Session(owner="alice")
+        await store.create(session)
+        assert await store.client.exists(f"{redis_prefix}session:{session.id}") == 1
+    finally:
+        await store.aclose()
+    assert isinstance(create_store(DialogueSettings()), InMemorySessionStore)
+
+
+async def test_unreachable_redis_is_a_clear_error():
+    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    store = create_store(DialogueSettings(store="redis", redis_url=url))
+    try:
+        with pytest.raises(SessionStoreUnavailableError, match=f"cannot reach Redis at {url}"):
+            await store.get("any")
+    finally:
+        await store.aclose()
