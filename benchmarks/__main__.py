@@ -1,10 +1,10 @@
-"""``python -m benchmarks <engine|serve> ...``"""
+"""``python -m benchmarks <engine|serve|baseline-server> ...``"""
 
 import sys
 
-from . import engine, serve
+from . import baseline_server, engine, serve
 
-COMMANDS = {"engine": engine.main, "serve": serve.main}
+COMMANDS = {"engine": engine.main, "serve": serve.main, "baseline-server": baseline_server.main}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
