@@ -40,14 +40,15 @@ def _num(value, fmt: str = "{:.1f}") -> str:
     return "–" if value is None else fmt.format(value)
 
 
-def summary_row(label: str, s: dict) -> str:
+def summary_row(label: str, s: dict, goodput: bool) -> str:
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "0"
     cells = [label, str(s["completed"]), errors, _num(s["request_throughput_rps"], "{:.2f}"),
              _num(s["output_throughput_tok_s"]), _ms(s["ttft_s"], "p50"), _ms(s["ttft_s"], "p95"),
              _ms(s["tpot_s"], "p50"), _ms(s["tpot_s"], "p95"), _ms(s["itl_s"], "p50"), _ms(s["itl_s"], "p95"),
              _num(s["e2e_s"] and s["e2e_s"]["p50"], "{:.2f}"), _num(s["e2e_s"] and s["e2e_s"]["p95"], "{:.2f}")]
-    if "goodput_rps" in s:
-        cells.append(f"{_num(s['goodput_rps'], '{:.2f}')} ({_num(s['slo_attainment'] and s['slo_attainment'] * 100, '{:.0f}')}%)")
+    if goodput:
+        cells.append(f"{_num(s['goodput_rps'], '{:.2f}')} ({_num(s['slo_attainment'] and s['slo_attainment'] * 100, '{:.0f}')}%)"
+                     if "goodput_rps" in s else "–")
     return "| " + " | ".join(cells) + " |"
 
 
@@ -56,7 +57,7 @@ def summary_table(rows: list[tuple[str, dict]], slo: dict) -> list[str]:
             "TPOT p95 ms", "ITL p50 ms", "ITL p95 ms", "E2E p50 s", "E2E p95 s"]
     if slo:
         head.append("goodput req/s (SLO met)")
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [summary_row(label, s) for label, s in rows]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [summary_row(label, s, bool(slo)) for label, s in rows]
 
 
 def markdown(report: dict) -> str:
