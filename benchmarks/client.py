@@ -27,13 +27,14 @@ class Clock:
         return time.perf_counter() - self.t0
 
 
-def make_http_client(base_url: str, api_key: str | None, user_id: str | None, max_streams: int) -> httpx.AsyncClient:
+def make_http_client(base_url: str, api_key: str | None = None, user_id: str | None = None) -> httpx.AsyncClient:
+    """No cap on connections: the load profile alone decides how many requests are in flight."""
     headers = {}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     if user_id:
         headers["X-User-Id"] = user_id
-    limits = httpx.Limits(max_connections=max_streams + 8, max_keepalive_connections=max_streams + 8)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     return httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, limits=limits,
                              timeout=httpx.Timeout(600.0, connect=30.0))
 
@@ -73,8 +74,8 @@ async def _timed_stream(http: httpx.AsyncClient, clock: Clock, path: str, body: 
     try:
         async with http.stream("POST", path, json=body) as response:
             if response.status_code != 200:
-                await response.aread()
                 record.error = f"http_{response.status_code}"
+                record.error_detail = (await response.aread()).decode(errors="replace")[:300]
             else:
                 async for name, data in sse_events(response):
                     if read_event(record, name, data, clock):
@@ -82,7 +83,7 @@ async def _timed_stream(http: httpx.AsyncClient, clock: Clock, path: str, body: 
                 if record.error is None and record.output_tokens is None:
                     record.error = "no_usage"
     except Exception as exc:  # noqa: BLE001 - recorded by kind
-        record.error = error_kind(exc)
+        record.error, record.error_detail = error_kind(exc), repr(exc)[:300]
     record.end_s = clock.now()
     return record
 
@@ -99,7 +100,7 @@ def _read_openai_chunk(record: RequestRecord, _name, data: str, clock: Clock) ->
         return True
     chunk = json.loads(data)
     if "error" in chunk:
-        record.error = "stream_error"
+        record.error, record.error_detail = "stream_error", data[:300]
         return True
     for choice in chunk.get("choices") or ():
         if (choice.get("delta") or {}).get("content"):
@@ -127,7 +128,7 @@ def _read_session_event(record: RequestRecord, name: str | None, data: str, cloc
         _read_usage(record, json.loads(data)["usage"])
         return True
     elif name == "error":
-        record.error = "stream_error"
+        record.error, record.error_detail = "stream_error", data[:300]
         return True
     return False
 

@@ -37,6 +37,7 @@ class RequestRecord:
     output_tokens: int | None = None
     cached_tokens: int | None = None
     error: str | None = None  # an error kind ("http_503", "timeout", ...), None when it succeeded
+    error_detail: str | None = None  # the server's message or the exception, shortened
     phase: str = ""
     stage: str = ""
     conversation: int | None = None
@@ -123,15 +124,18 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: Slo = Slo())
     """Aggregate metrics of the requests of one phase that lasted ``duration_s`` seconds."""
     done = [r for r in records if r.ok]
     errors: dict[str, int] = {}
+    examples: dict[str, str | None] = {}
     for r in records:
         if r.error:
             errors[r.error] = errors.get(r.error, 0) + 1
+            examples.setdefault(r.error, r.error_detail)
     output_tokens = sum(r.output_tokens or 0 for r in done)
     out = {
         "requests": len(records),
         "completed": len(done),
         "failed": len(records) - len(done),
         "errors": errors,
+        "error_examples": examples,
         "duration_s": duration_s,
         "request_throughput_rps": len(done) / duration_s if duration_s > 0 else None,
         "output_throughput_tok_s": output_tokens / duration_s if duration_s > 0 else None,

@@ -74,6 +74,11 @@ def markdown(report: dict) -> str:
         rows.append((phase["label"], phase["summary"]))
         rows += [(f"↳ {stage['label']}", stage["summary"]) for stage in phase.get("stages", [])]
     lines += summary_table(rows, report["slo"])
+    examples = {(p["label"], kind): text for p in report["phases"]
+                for kind, text in p["summary"].get("error_examples", {}).items()}
+    if examples:
+        lines += ["", "Errors (first of each kind):", ""]
+        lines += [f"- {label}, `{kind}`: {text or '(no detail)'}" for (label, kind), text in examples.items()]
     serve = report.get("serve_status") or {}
     lines += ["", "## Serve replicas", ""]
     if serve.get("samples"):

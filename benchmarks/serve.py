@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import sys
 import uuid
+from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -41,7 +43,7 @@ console = Console(stderr=True)
 
 class RunProgress:
     """A rich progress bar per phase: elapsed time against the planned duration (or finished turns
-    against planned turns), with requests done, failed and in flight."""
+    against planned turns), with the requests done and failed so far."""
 
     def __init__(self, clock: Clock, enabled: bool = True):
         self.clock = clock
@@ -149,8 +151,7 @@ async def measure(args, url: str, status_source=None, launched_config: str | Non
     ``DashboardStatus`` or ``InProcessStatus``; None for a plain endpoint), and build the report."""
     slo = Slo.parse(args.slo)
     clock = Clock()
-    max_streams = max([*args.concurrency, args.conversations, 64])
-    async with make_http_client(url, args.api_key, f"benchmark-{uuid.uuid4().hex[:8]}", max_streams) as http:
+    async with make_http_client(url, args.api_key, f"benchmark-{uuid.uuid4().hex[:8]}") as http:
         model = args.model or (await http.get("/v1/models")).json()["data"][0]["id"]
         warm = await chat_completion(http, clock, model, [{"role": "user", "content": "Hello"}], 4)
         if not warm.ok:
@@ -179,7 +180,8 @@ async def measure(args, url: str, status_source=None, launched_config: str | Non
         "benchmark": "serve",
         "name": args.name,
         "profile": args.profile,
-        "target": {"url": url, "model": model, "launched_config": launched_config},
+        "target": {"url": url, "model": model, "launched_config": launched_config,
+                   "serve_config": yaml.safe_load(Path(launched_config).read_text()) if launched_config else None},
         "settings": settings_of(args),
         "slo": slo.to_json(),
         "phases": phases,

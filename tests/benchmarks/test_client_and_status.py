@@ -52,6 +52,8 @@ async def test_failures_are_recorded_by_kind(status, body, kind):
     async with client_for(status, body) as http:
         r = await chat_completion(http, Clock(), "m", [{"role": "user", "content": "x"}], 3)
     assert r.error == kind and not r.ok
+    if kind in ("http_503", "stream_error"):
+        assert r.error_detail and ("overloaded" in r.error_detail or "boom" in r.error_detail)
 
 
 async def test_connection_failure_is_recorded_not_raised():

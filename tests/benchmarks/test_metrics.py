@@ -38,12 +38,13 @@ def test_one_token_reply_has_no_tpot_and_failed_request_has_no_metrics():
 def test_summary_percentiles_throughput_and_errors():
     ttfts = [0.1, 0.2, 0.3, 0.4, 1.0]
     records = [request(start=i, first=i + t, tokens=11, gap=0.05) for i, t in enumerate(ttfts)]
-    records += [RequestRecord(start_s=0, end_s=0.1, error="http_503"),
+    records += [RequestRecord(start_s=0, end_s=0.1, error="http_503", error_detail="overloaded"),
                 RequestRecord(start_s=0, end_s=0.1, error="http_503"),
                 RequestRecord(start_s=0, end_s=9, error="timeout")]
     s = summarize(records, duration_s=10.0)
     assert (s["requests"], s["completed"], s["failed"]) == (8, 5, 3)
     assert s["errors"] == {"http_503": 2, "timeout": 1}
+    assert s["error_examples"]["http_503"] == "overloaded"
     assert s["request_throughput_rps"] == pytest.approx(0.5)
     assert s["output_throughput_tok_s"] == pytest.approx(5 * 11 / 10)
     assert s["total_prompt_tokens"] == 50
