@@ -25,9 +25,9 @@ wanted steady && bench --launch "$CONFIG" --profile concurrency --concurrency 1,
 # upscale_delay_s), then 1 again for 80 s (downscale after downscale_delay_s=30). ~3.5 min of load.
 wanted step && bench --launch "$CONFIG" --profile step --stages 1:20,32:90,1:80 --max-tokens 64 --name step
 
-# Multi-turn: 4 conversations x 8 turns of ~92-token messages and 96-token replies (turn 8 sees ~1500
+# Multi-turn: 4 conversations x 8 turns of ~90-token messages and 96-token replies (turn 8 sees ~1500
 # history tokens under context_budget_tokens=1536), prefix-KV reuse on, then off (cache_prompt=false).
-wanted multiturn && bench --launch "$CONFIG" --profile multiturn --turns 8 --conversations 4 --user-tokens 92 \
+wanted multiturn && bench --launch "$CONFIG" --profile multiturn --turns 8 --conversations 4 --user-tokens 90 \
     --max-tokens 96 --think-time-s 1 --name multiturn
 
 # The baseline (one transformers generate per request, no batching) at 1 and 8 streams, side by side.

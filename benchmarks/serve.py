@@ -232,13 +232,13 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument("--duration-s", type=float, default=30.0, help="concurrency/poisson: seconds per level")
     load.add_argument("--rate-rps", type=float_list, default=[1.0], help="poisson: mean request rates")
     load.add_argument("--stages", default="1:30,32:90,1:90", help="step: STREAMS:SECONDS,...")
-    load.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (multiturn: per reply)")
+    load.add_argument("--max-tokens", type=int, help="output tokens per request (default 64; multiturn: 96 per reply)")
     load.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                       help="let replies stop at EOS (default: exactly --max-tokens each)")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--turns", type=int, default=8, help="multiturn: turns per conversation")
     load.add_argument("--conversations", type=int, default=4, help="multiturn: conversations in parallel")
-    load.add_argument("--user-tokens", type=int, default=92, help="multiturn: tokens per user message (about)")
+    load.add_argument("--user-tokens", type=int, default=90, help="multiturn: tokens per user message (about)")
     load.add_argument("--think-time-s", type=float, default=1.0, help="multiturn: pause between turns")
     load.add_argument("--reuse", choices=REUSE_MODES, default="both",
                       help="multiturn: prefix-KV reuse on, off (cache_prompt=false) or both, one after the other")
@@ -253,9 +253,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser().parse_args(argv)
     args.name = args.name or args.profile
+    if args.max_tokens is None:  # multiturn: 8 turns of ~90 + 96 tokens reach ~1500 history tokens
+        args.max_tokens = 96 if args.profile == "multiturn" else 64
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     Slo.parse(args.slo)  # fail on a bad --slo before starting anything
     report = asyncio.run(run(args))
     if args.out:

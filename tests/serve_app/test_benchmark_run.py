@@ -12,10 +12,8 @@ pytestmark = pytest.mark.serve
 
 
 def bench_args(base_url: str, *extra: str):
-    args = serve_bench.parser().parse_args(["--url", base_url, "--max-tokens", "4", "--bucket-s", "1",
-                                            "--sample-interval-s", "0.5", "--no-progress", *extra])
-    args.name = args.profile
-    return args
+    return serve_bench.parse_args(["--url", base_url, "--max-tokens", "4", "--bucket-s", "1",
+                                   "--sample-interval-s", "0.5", "--no-progress", *extra])
 
 
 async def test_step_run_writes_json_markdown_and_plot_with_replica_samples(base_url, tmp_path):
