@@ -124,8 +124,12 @@ def _read_session_event(record: RequestRecord, name: str | None, data: str, cloc
     if name == "delta":
         if json.loads(data).get("text"):
             record.chunk_times_s.append(clock.now())
+    elif name == "turn":
+        record.history_turns_dropped = json.loads(data).get("history_turns_dropped")
     elif name == "done":
-        _read_usage(record, json.loads(data)["usage"])
+        done = json.loads(data)
+        _read_usage(record, done["usage"])
+        record.replica = done.get("replica")
         return True
     elif name == "error":
         record.error, record.error_detail = "stream_error", data[:300]

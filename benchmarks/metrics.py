@@ -42,6 +42,8 @@ class RequestRecord:
     stage: str = ""
     conversation: int | None = None
     turn: int | None = None
+    replica: str | None = None  # sessions API: the model replica that served the turn, when the server says
+    history_turns_dropped: int | None = None  # sessions API: old turns left out of this turn's prompt
 
     @property
     def ok(self) -> bool:
@@ -239,10 +241,22 @@ def multiturn_summary(records: list[RequestRecord], turns: int, modes: list[str]
             "cached_share_by_turn": [float(np.mean(v)) if v else None for v in per_turn],
             "turns_reported": len(reported),
         }
+    dropped = [[r.history_turns_dropped for mode in modes for r in at(mode, t) if r.history_turns_dropped is not None]
+               for t in range(turns)]
+    replicas_per_conversation = {}
+    for mode in modes:
+        served: dict[int, set] = {}
+        for r in ok:
+            if r.phase == mode and r.replica is not None:
+                served.setdefault(r.conversation, set()).add(r.replica)
+        replicas_per_conversation[mode] = float(np.mean([len(v) for v in served.values()])) if served else None
     return {
         "turns": turns,
         "ttft_by_turn_s": {mode: [_p50([r.ttft_s for r in at(mode, t) if r.ttft_s is not None])
                                   for t in range(turns)] for mode in modes},
         "history_tokens_by_turn": history,
+        "history_turns_dropped_by_turn": [max(d) if d else None for d in dropped],
         "hit_rate": hit_rate,
+        # Mean distinct model replicas that served one conversation (1.0: every turn on one replica).
+        "replicas_per_conversation": replicas_per_conversation,
     }

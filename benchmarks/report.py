@@ -95,19 +95,22 @@ def markdown(report: dict) -> str:
 
 def multiturn_table(mt: dict) -> list[str]:
     modes = list(mt["ttft_by_turn_s"])
-    head = ["turn", "history tokens p50"] + [f"TTFT p50 ms ({m})" for m in modes] + \
+    head = ["turn", "history tokens p50", "old turns dropped"] + [f"TTFT p50 ms ({m})" for m in modes] + \
         [f"cached share ({m})" for m in modes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    dropped = mt.get("history_turns_dropped_by_turn") or [None] * len(mt["history_tokens_by_turn"])
     for i, history in enumerate(mt["history_tokens_by_turn"]):
-        cells = [str(i + 1), _num(history, "{:.0f}")]
+        cells = [str(i + 1), _num(history, "{:.0f}"), _num(dropped[i], "{:d}")]
         cells += [_num(mt["ttft_by_turn_s"][m][i] and mt["ttft_by_turn_s"][m][i] * 1000, "{:.0f}") for m in modes]
         cells += [_num(mt["hit_rate"][m]["cached_share_by_turn"][i], "{:.2f}") for m in modes]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for m in modes:
         h = mt["hit_rate"][m]
+        replicas = (mt.get("replicas_per_conversation") or {}).get(m)
         lines.append(f"- {m}: {_num(h['cached_token_share'], '{:.1%}')} of prompt tokens served from cache; "
-                     f"{_num(h['turns_with_hit_share'], '{:.1%}')} of turns had a cache hit.")
+                     f"{_num(h['turns_with_hit_share'], '{:.1%}')} of turns had a cache hit; "
+                     f"{_num(replicas, '{:.2f}')} model replicas per conversation.")
     return lines
 
 

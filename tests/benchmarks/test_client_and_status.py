@@ -66,12 +66,13 @@ async def test_connection_failure_is_recorded_not_raised():
 
 
 async def test_session_turn_reads_named_events():
-    body = sse(("turn", {"session_id": "s", "history_turns_used": 1, "history_turns_dropped": 0}),
+    body = sse(("turn", {"session_id": "s", "history_turns_used": 1, "history_turns_dropped": 2}),
                ("delta", {"type": "delta", "text": "Hel"}), ("delta", {"type": "delta", "text": "lo"}),
-               ("done", {"type": "done", "finish_reason": "length", "usage": USAGE}))
+               ("done", {"type": "done", "finish_reason": "length", "usage": USAGE, "replica": "r1"}))
     async with client_for(200, body) as http:
         r = await session_turn(http, Clock(), "s", "hi", 3, cache_prompt=False)
     assert r.ok and len(r.chunk_times_s) == 2 and (r.prompt_tokens, r.cached_tokens) == (12, 8)
+    assert (r.history_turns_dropped, r.replica) == (2, "r1")
     error = sse(("turn", {}), ("error", {"message": "too long", "status": 400}))
     async with client_for(200, error) as http:
         assert (await session_turn(http, Clock(), "s", "hi", 3)).error == "stream_error"

@@ -95,7 +95,8 @@ def test_multiturn_summary_by_turn_and_hit_rate():
         for conv in range(2):
             for turn in range(3):
                 ttft = 0.1 + (0.0 if mode == "reuse_on" else 0.2 * turn) + 0.01 * conv
-                r = request(0, ttft, tokens=4, gap=0.1, phase=mode, conversation=conv, turn=turn)
+                r = request(0, ttft, tokens=4, gap=0.1, phase=mode, conversation=conv, turn=turn,
+                            replica=f"r{conv}" if mode == "reuse_on" else f"r{turn}", history_turns_dropped=turn // 2)
                 r.prompt_tokens, r.cached_tokens = 100 * (turn + 1), cached[turn]
                 records.append(r)
     mt = multiturn_summary(records, turns=3, modes=["reuse_on", "reuse_off"])
@@ -107,6 +108,8 @@ def test_multiturn_summary_by_turn_and_hit_rate():
     assert on["turns_with_hit_share"] == pytest.approx(2 / 3)
     assert on["cached_share_by_turn"] == pytest.approx([0, 0.45, 190 / 300])
     assert mt["hit_rate"]["reuse_off"]["turns_with_hit_share"] == 0
+    assert mt["history_turns_dropped_by_turn"] == [0, 0, 1]
+    assert mt["replicas_per_conversation"] == {"reuse_on": 1.0, "reuse_off": 3.0}
 
 
 def test_multiturn_hit_rate_is_none_when_the_server_reports_no_cache():
