@@ -13,8 +13,10 @@ from .ingress import Ingress
 from .model import ModelServer
 
 
-def build_app(args: dict | None = None) -> Application:
+def build_app(args: dict | None = None, model_options: dict | None = None) -> Application:
+    """``model_options``: Serve deployment options for ModelServer (Python callers; a config file
+    sets them under ``deployments:``)."""
     settings = AppSettings.model_validate(args or {})
-    model = ModelServer.bind(settings.model)
+    model = ModelServer.options(**(model_options or {})).bind(settings.model)
     dialogue = DialogueState.bind(settings)
     return Ingress.bind(model, dialogue, settings)
