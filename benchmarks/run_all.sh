@@ -26,7 +26,7 @@ wanted steady && bench --launch "$CONFIG" --profile concurrency --concurrency 1,
 wanted step && bench --launch "$CONFIG" --profile step --stages 1:20,32:90,1:80 --max-tokens 64 --name step
 
 # Multi-turn: 4 conversations x 8 turns of ~90-token messages and 96-token replies (turn 8 sees ~1500
-# history tokens under context_budget_tokens=1536), prefix-KV reuse on, then off (cache_prompt=false).
+# history tokens, within context_budget_tokens), prefix-KV reuse on, then off (cache_prompt=false).
 wanted multiturn && bench --launch "$CONFIG" --profile multiturn --turns 8 --conversations 4 --user-tokens 90 \
     --max-tokens 96 --think-time-s 1 --name multiturn
 

@@ -55,5 +55,9 @@ async def test_multiturn_run_reports_ttft_and_history_by_turn(base_url, tmp_path
     assert len(history) == 2 and history[0] + 24 + 4 <= history[1]
     for mode in ("reuse_on", "reuse_off"):
         assert len(saved["ttft_by_turn_s"][mode]) == 2 and all(t > 0 for t in saved["ttft_by_turn_s"][mode])
-    # The server reports cached prompt tokens; with reuse on, turn 2 reuses turn 1's KV.
+    # The server reports cached prompt tokens: with reuse on, turn 2 reuses turn 1's KV; with
+    # cache_prompt=false, nothing is reused.
     assert saved["hit_rate"]["reuse_on"]["cached_share_by_turn"][1] > 0.3
+    assert saved["hit_rate"]["reuse_off"]["cached_token_share"] == 0
+    assert saved["multiturn"]["history_turns_dropped_by_turn"] == [0, 0]
+    assert saved["multiturn"]["replicas_per_conversation"]["reuse_on"] == 1.0  # from the done events
