@@ -94,8 +94,11 @@ def launch_app(config_path: str, num_cpus: int | None = None, ready_timeout_s: f
                    "Ray dashboard", head)
         subprocess.run([str(BIN / "serve"), "deploy", app.config, "--address", dashboard_url], env=env, check=True,
                        stdout=subprocess.DEVNULL, timeout=120)
-        wait_until(lambda: httpx.get(app.url + "/readyz", timeout=5).status_code == 200, ready_timeout_s,
-                   "app /readyz", head)
+        try:
+            wait_until(lambda: httpx.get(app.url + "/readyz", timeout=5).status_code == 200, ready_timeout_s,
+                       "app /readyz", head)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; Serve says: {serve_status_text(dashboard_url)}") from None
         log(f"launch: app ready at {app.url}")
         yield app
     finally:
@@ -106,6 +109,20 @@ def launch_app(config_path: str, num_cpus: int | None = None, ready_timeout_s: f
             stop_process_group(head, grace_s=45)
         head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def serve_status_text(dashboard_url: str) -> str:
+    """The applications' and deployments' status messages, to explain a deployment that never got ready."""
+    try:
+        apps = httpx.get(dashboard_url + "/api/serve/applications/", timeout=10).json().get("applications") or {}
+    except (httpx.HTTPError, ValueError) as exc:
+        return repr(exc)
+    parts = []
+    for name, app in apps.items():
+        parts.append(f"{name}: {app.get('status')} {app.get('message', '')}".strip())
+        for dname, d in (app.get("deployments") or {}).items():
+            parts.append(f"{dname}: {d.get('status')} {d.get('message', '')}".strip())
+    return "; ".join(parts)[:4000] or "no applications"
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float) -> None:
