@@ -1,10 +1,11 @@
-"""``python -m benchmarks <engine|serve> ...``"""
+"""``python -m benchmarks <engine|serve|baseline-server|compare> ...``"""
 
 import sys
 
-from . import engine, serve
+from . import baseline_server, compare, engine, serve
 
-COMMANDS = {"engine": engine.main, "serve": serve.main}
+COMMANDS = {"engine": engine.main, "serve": serve.main, "baseline-server": baseline_server.main,
+            "compare": compare.main}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

@@ -39,18 +39,24 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def emit_report(report: dict, path: str | None) -> None:
-    """Print the report as JSON and, when ``path`` is given, write it there too."""
+def emit_report(report: dict, path: str | None, echo: bool = True) -> None:
+    """Print the report as JSON (unless ``echo`` is off) and, when ``path`` is given, write it there too."""
     text = json.dumps(report, indent=2)
     if path:
         with open(path, "w") as f:
             f.write(text + "\n")
-    print(text)
+    if echo:
+        print(text)
 
 
 def int_list(text: str) -> list[int]:
     """argparse type for ``1,8,32``."""
     return [int(x) for x in text.split(",")]
+
+
+def float_list(text: str) -> list[float]:
+    """argparse type for ``0.5,1,2``."""
+    return [float(x) for x in text.split(",")]
 
 
 def run_cli(parser, run, argv: list[str] | None) -> int:

@@ -13,7 +13,12 @@ from .ingress import Ingress
 from .model import ModelServer
 
 
-def build_app(args: dict | None = None, model_options: dict | None = None) -> Application:
+def build_app(args: dict | None = None) -> Application:
+    """The builder ``import_path`` names. Serve requires a builder to take exactly one parameter."""
+    return build_graph(args)
+
+
+def build_graph(args: dict | None = None, model_options: dict | None = None) -> Application:
     """``model_options``: Serve deployment options for ModelServer (Python callers; a config file
     sets them under ``deployments:``)."""
     settings = AppSettings.model_validate(args or {})
