@@ -1,4 +1,4 @@
-"""The deployment graph: Ingress -> (DialogueState, ModelServer).
+"""The deployment graph: Ingress -> (DialogueState, ModelServer, OpsCollector); ModelServer -> OpsCollector.
 
 ``serve run serve_config.yaml`` calls :func:`build_app` with the ``args:`` mapping of the file.
 """
@@ -11,10 +11,12 @@ from .config import AppSettings
 from .dialogue import DialogueState
 from .ingress import Ingress
 from .model import ModelServer
+from .ops import OpsCollector
 
 
 def build_app(args: dict | None = None) -> Application:
     settings = AppSettings.model_validate(args or {})
-    model = ModelServer.bind(settings.model)
+    ops = OpsCollector.bind()
+    model = ModelServer.bind(settings.model, ops)
     dialogue = DialogueState.bind(settings)
-    return Ingress.bind(model, dialogue, settings)
+    return Ingress.bind(model, dialogue, settings, ops)

@@ -21,11 +21,14 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from engines.protocol import BatchSubmit, Delta, EngineError, GenerationRequest, SamplingParams
 from engines.registry import create_engine
 
 from .config import ModelSettings
+from .metrics import ModelMetrics
+from .ops import ReplicaReporter
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,7 +66,7 @@ def run_coroutine_in_thread(coro):
                         "upscale_delay_s": 5, "downscale_delay_s": 30},
 )
 class ModelServer:
-    def __init__(self, settings: ModelSettings):
+    def __init__(self, settings: ModelSettings, ops: DeploymentHandle | None = None):
         self.settings = settings
         started = time.perf_counter()
         self.engine = create_engine(settings.engine_config())
@@ -71,6 +74,8 @@ class ModelServer:
         self.warmup_s = run_coroutine_in_thread(self._warm_up())
         self.ready_s = time.perf_counter() - started
         logger.info("model replica ready in %.2fs (warm-up %.2fs)", self.ready_s, self.warmup_s)
+        self.metrics = ModelMetrics()
+        ReplicaReporter(self.engine, self.metrics, ops).start()  # engine stats -> metrics and /ops, every second
 
     async def _warm_up(self) -> float:
         started = time.perf_counter()
@@ -94,13 +99,16 @@ class ModelServer:
         return [self.engine.generate(r) for r in requests]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        watch = self.metrics.watch(started_s=time.perf_counter())
         stream = await self._admit(request)
         if isinstance(stream, EngineError):
             raise stream
         try:
             async for delta in stream:
+                watch.delta(delta)
                 yield delta
         finally:
+            watch.close()
             await stream.aclose()  # aborts the request if it has not finished
 
     def check_health(self) -> None:
