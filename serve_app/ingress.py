@@ -29,6 +29,8 @@ from engines.protocol import Delta, GenerationRequest, SamplingParams
 
 from .config import AppSettings
 from .errors import ApiError, to_api_error
+from .metrics import ingress_metrics
+from .pages import router as pages_router
 from .schemas import (
     ChatCompletionRequest,
     CreateSessionRequest,
@@ -44,6 +46,7 @@ app = FastAPI(title="chatserve", description="OpenAI-compatible chat serving on 
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    ingress_metrics().error(exc.status, exc.code or exc.type)
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
@@ -52,7 +55,11 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", []) if p != "body"]
     message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+    ingress_metrics().error(400, "invalid_request_error")
     return JSONResponse(ApiError(400, message, param=".".join(loc) or None).body(), status_code=400)
+
+
+app.include_router(pages_router)  # the chat page (/), the ops page (/ops), their static files
 
 
 def owner_of(headers) -> str:
@@ -121,9 +128,11 @@ class _WsConnection:
             await self.ws.send_text(json.dumps(event))
 
     async def error(self, message: str, code: str = "bad_request", status: int = 400, ref=None) -> None:
+        ingress_metrics().error(status, code)
         await self.send({"type": "error", "code": code, "message": message, "status": status, "ref": ref})
 
     async def serve(self) -> None:
+        ingress_metrics().websocket_opened()
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             while True:
@@ -142,6 +151,8 @@ class _WsConnection:
             heartbeat.cancel()
             if self.turn_task is not None:
                 self.turn_task.cancel()
+            ingress_metrics().websocket_closed()
+            ingress_metrics().session_left(self.session_id)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -181,6 +192,8 @@ class _WsConnection:
             view = await self.ingress._call(dialogue.get_session.remote(session_id, self.owner))
         else:
             raise ApiError(400, "session_id must be a string", param="session_id")
+        ingress_metrics().session_left(self.session_id)
+        ingress_metrics().session_entered(view["id"])
         self.session_id = view["id"]
         await self.send({"type": "session", "ref": msg.get("ref"), **view})
 
@@ -216,11 +229,13 @@ class _WsConnection:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, model: DeploymentHandle, dialogue: DeploymentHandle, settings: AppSettings):
+    def __init__(self, model: DeploymentHandle, dialogue: DeploymentHandle, settings: AppSettings,
+                 ops: DeploymentHandle | None = None):
         self.model = model
         self.dialogue = dialogue
         self.settings = settings
         self.model_name = settings.model.served_model_name
+        self.ops = ops
 
     # -- health ----------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -234,6 +249,14 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             return JSONResponse({"status": "not ready", "reason": repr(exc)[:300]}, status_code=503)
         return {"status": "ready", "model": model}
+
+    # -- ops -------------------------------------------------------------------------------------
+    @app.get("/ops/state")
+    async def ops_state(self) -> dict:
+        """Serve status, every model replica's engine stats, rolling TTFT and tokens/s, events."""
+        if self.ops is None:
+            raise ApiError(404, "no ops collector in this deployment graph", code="not_found")
+        return await self._call(self.ops.snapshot.remote())
 
     # -- OpenAI-compatible -----------------------------------------------------------------------
     @app.get("/v1/models")
@@ -296,7 +319,9 @@ class Ingress:
                     if include_usage:
                         yield chunk({}, usage=self._usage(delta), choices=False)
         except Exception as exc:  # noqa: BLE001 - reported in-band: the status line is already sent
-            yield {"data": json.dumps(to_api_error(exc).body())}
+            err = to_api_error(exc)
+            ingress_metrics().error(err.status, err.code or err.type)
+            yield {"data": json.dumps(err.body())}
         yield {"data": "[DONE]"}
 
     # -- sessions --------------------------------------------------------------------------------
@@ -351,6 +376,7 @@ class Ingress:
         """Stream a turn's deltas as events; save the turn only once the reply is complete.
         A cancelled or failed reply saves nothing, so the history never holds half a turn."""
         parts: list[str] = []
+        ingress_metrics().session_entered(plan.session_id)
         try:
             async for delta in stream:
                 if delta.text:
@@ -363,10 +389,14 @@ class Ingress:
                     await self._call(self.dialogue.commit_turn.remote(plan.session_id, owner, turn))
                     yield {"type": "done", "finish_reason": delta.finish_reason, "usage": usage}
         except ApiError as exc:
+            ingress_metrics().error(exc.status, exc.code or exc.type)
             yield {"type": "error", **exc.body()["error"], "status": exc.status}
         except Exception as exc:  # noqa: BLE001 - reported in-band
             err = to_api_error(exc)
+            ingress_metrics().error(err.status, err.code or err.type)
             yield {"type": "error", **err.body()["error"], "status": err.status}
+        finally:
+            ingress_metrics().session_left(plan.session_id)
 
     # -- WebSocket -------------------------------------------------------------------------------
     @app.websocket("/v1/ws")
