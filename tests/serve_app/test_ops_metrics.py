@@ -11,6 +11,7 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve_app.metrics import METRIC_NAMES
+from tests.cluster.test_configs import dashboard_metric_names
 
 from .conftest import TEST_ARGS
 from .test_sessions_ws import ws_until, ws_url
@@ -121,3 +122,8 @@ def test_metrics_are_exported_with_serve_labels(base_url, metrics_url):
     assert "ray_chatserve_websocket_connections" in names and "ray_chatserve_active_sessions" in names
     # Serve's own metrics come from the same endpoint (the Grafana dashboard uses both).
     assert total(samples, "ray_serve_deployment_replica_healthy", deployment="ModelServer") >= 1
+    # Every metric the Grafana dashboard queries is really exported, with the `application` label its
+    # queries filter on (rejections only appear once a request has been refused).
+    with_app = {n for n, lab, _ in samples if lab.get("application") == "chat"}
+    missing = dashboard_metric_names() - with_app - {"ray_chatserve_rejections_total"}
+    assert not missing, f"dashboard metrics not exported with application=chat: {sorted(missing)}"
