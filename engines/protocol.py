@@ -88,6 +88,7 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    use_prefix_cache: bool = True  # False: neither reuse cached KV nor keep this sequence's KV
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt_token_ids is None):
@@ -127,6 +128,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None
+    served_by: str | None = None  # set by the serving layer on the last delta: the replica's id
 
 
 @dataclass(frozen=True)

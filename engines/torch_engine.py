@@ -339,6 +339,8 @@ class TorchEngine:
         used = max(s.num_computed for s in self._running)
         self.kv.reserve(len(self._running), length, used, budget)
         for seq in admitted:
+            if not seq.request.use_prefix_cache:
+                continue
             hit = self.prefix_cache.lookup(seq.prompt_ids)
             if hit is not None:
                 reused, kv = hit
@@ -445,7 +447,7 @@ class TorchEngine:
         """Free the rows of finished and aborted sequences, keeping both row regions compact."""
         for seq in [s for s in self._running if s.finish_reason is not None or s.abort_requested]:
             self._finish(seq, "abort")  # no-op unless only the abort was pending
-            if seq.finish_reason in ("stop", "length") and self.prefix_cache.budget_tokens:
+            if seq.finish_reason in ("stop", "length") and seq.request.use_prefix_cache and self.prefix_cache.budget_tokens:
                 self.prefix_cache.insert(seq.all_ids[: seq.num_computed], self.kv.read_row(seq.row, seq.num_computed))
             self._remove_row(seq.row)
 

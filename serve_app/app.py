@@ -14,9 +14,11 @@ from .model import ModelServer
 from .ops import OpsCollector
 
 
-def build_app(args: dict | None = None) -> Application:
+def build_app(args: dict | None = None, model_options: dict | None = None) -> Application:
+    """``model_options``: Serve deployment options for ModelServer (Python callers; a config file
+    sets them under ``deployments:``)."""
     settings = AppSettings.model_validate(args or {})
     ops = OpsCollector.bind()
-    model = ModelServer.bind(settings.model, ops)
+    model = ModelServer.options(**(model_options or {})).bind(settings.model, ops)
     dialogue = DialogueState.bind(settings)
     return Ingress.bind(model, dialogue, settings, ops)

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.config import EngineConfig
 
+from .moderation import ModerationSettings
+
 
 class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -40,7 +42,10 @@ class DialogueSettings(BaseModel):
 
     store: Literal["memory", "redis"] = Field("memory", description="Session store backend")
     redis_url: str | None = Field(None, description="redis://host:port/db when store is redis (or env REDIS_URL)")
-    context_budget_tokens: int = Field(1536, ge=64, description="Prompt tokens a session's next turn may use")
+    context_budget_tokens: int = Field(1792, ge=64, description="Prompt tokens a session's next turn may use")
+    context_trim_fraction: float = Field(
+        0.6, gt=0, le=1, description="When the budget is exceeded, drop oldest turns until the prompt fits in this "
+        "fraction of it, so the next turns append to a stable prefix (see serve_app/context.py)")
     session_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="Sessions expire this long after last activity")
     default_system_prompt: str | None = Field(None, description="System prompt of new sessions that give none")
     max_message_chars: int = Field(32_000, ge=1, description="Longest user message accepted")
@@ -51,4 +56,5 @@ class AppSettings(BaseModel):
 
     model: ModelSettings = ModelSettings()
     dialogue: DialogueSettings = DialogueSettings()
+    moderation: ModerationSettings = ModerationSettings()
     ws_heartbeat_s: float = Field(30.0, gt=0, description="Server ping interval on WebSocket connections")

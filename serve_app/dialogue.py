@@ -16,6 +16,7 @@ from engines.artifacts import load_tokenizer
 from engines.protocol import InvalidRequestError
 
 from .config import AppSettings
+from .context import PromptBuilder
 from .schemas import Session, Turn, TurnPlan
 from .store import SessionStore, create_store
 
@@ -33,6 +34,8 @@ class DialogueCore:
         self.settings = settings.dialogue
         self.tokenizer = tokenizer or load_tokenizer(settings.model.model)
         self.store = store or create_store(self.settings)
+        self.prompts = PromptBuilder(self.tokenizer, self.settings.context_budget_tokens,
+                                     self.settings.context_trim_fraction)
 
     async def _owned(self, session_id: str, owner: str) -> Session:
         session = await self.store.get(session_id)
@@ -55,10 +58,6 @@ class DialogueCore:
     async def list_sessions(self, owner: str) -> list[dict]:
         return [s.summary() for s in await self.store.list_for_owner(owner)]
 
-    def render(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-
     async def prepare_turn(self, session_id: str, owner: str, content: str) -> TurnPlan:
         if not content.strip():
             raise InvalidRequestError("message content must not be empty", "content")
@@ -66,27 +65,23 @@ class DialogueCore:
             raise InvalidRequestError(f"message is longer than {self.settings.max_message_chars} characters", "content")
         session = await self._owned(session_id, owner)
         system = [{"role": "system", "content": session.system_prompt}] if session.system_prompt else []
-        new = [{"role": "user", "content": content}]
-        budget = self.settings.context_budget_tokens
-        turns = session.turns
-        keep = len(turns)
-        # Drop oldest whole turns until the rendering fits (binary search would save renders; the
-        # histories that fit a small budget are short).
-        while True:
-            history = [m for t in turns[len(turns) - keep:]
-                       for m in ({"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant})]
-            ids = self.render(system + history + new)
-            if len(ids) <= budget:
-                break
-            if keep == 0:
-                raise InvalidRequestError(
-                    f"message needs {len(ids)} prompt tokens; the context budget is {budget}", "content")
-            keep -= 1
-        return TurnPlan(session_id=session_id, prompt_token_ids=ids, history_turns_used=keep,
-                        history_turns_dropped=len(turns) - keep)
+        window = self.prompts.next_window(system, session.turns, content)
+        return TurnPlan(session_id=session_id, turn_index=len(session.turns), prompt_token_ids=window.prompt_ids, context_ids=window.context_ids,
+                        window_start=window.window_start, append_only=window.append_only,
+                        history_turns_used=len(session.turns) - window.window_start,
+                        history_turns_dropped=window.window_start)
 
-    async def commit_turn(self, session_id: str, owner: str, turn: Turn) -> None:
-        await self._owned(session_id, owner)
+    async def commit_turn(self, session_id: str, owner: str, plan: TurnPlan, turn: Turn,
+                          generated_ids: list[int]) -> None:
+        """Save a finished turn with the ids the next turn's prompt will be built from. If another
+        turn was saved since this one's prompt was built, its ids no longer follow the stored
+        history, so none are kept and the next prompt is re-rendered from the text."""
+        session = await self._owned(session_id, owner)
+        if len(session.turns) == plan.turn_index:
+            turn = turn.model_copy(update={"context_ids": plan.context_ids, "window_start": plan.window_start,
+                                           "reply_ids": self.prompts.reply_ids(generated_ids, turn.assistant)})
+        else:
+            turn = turn.model_copy(update={"window_start": plan.window_start})
         updated = await self.store.append_turn(session_id, turn)
         if updated is None:
             raise SessionNotFoundError(f"session {session_id} not found")

@@ -74,6 +74,23 @@ def sampling_from(fields) -> SamplingParams:
     return SamplingParams(**fields.sampling_kwargs())
 
 
+def conversation_key(messages: tuple[dict, ...]) -> str:
+    """Affinity key of a client-held conversation: its messages up to the first user message, which
+    every later request of the same conversation resends unchanged."""
+    head = []
+    for message in messages:
+        head.append([message["role"], message["content"]])
+        if message["role"] == "user":
+            break
+    return "conv:" + hashlib.sha256(json.dumps(head).encode()).hexdigest()[:24]
+
+
+def turn_event(plan: TurnPlan) -> dict:
+    return {"type": "turn", "session_id": plan.session_id, "turn_index": plan.turn_index,
+            "history_turns_used": plan.history_turns_used, "history_turns_dropped": plan.history_turns_dropped,
+            "prompt_tokens": len(plan.prompt_token_ids), "append_only": plan.append_only}
+
+
 class ModelStream:
     """A model replica's delta stream, opened and peeked: errors before the first delta raise here."""
 
@@ -83,8 +100,8 @@ class ModelStream:
         self.finished = False
 
     @classmethod
-    async def open(cls, handle: DeploymentHandle, request: GenerationRequest) -> "ModelStream":
-        stream = cls(handle.options(stream=True).generate.remote(request))
+    async def open(cls, handle: DeploymentHandle, request: GenerationRequest, affinity_key: str | None) -> "ModelStream":
+        stream = cls(handle.options(stream=True).generate.remote(request, affinity_key=affinity_key))
         try:
             stream.first = await stream._response.__anext__()
         except BaseException as exc:
@@ -211,9 +228,7 @@ class _WsConnection:
         self.turn_task = asyncio.create_task(self._turn(plan, fields.content, stream, msg.get("ref")))
 
     async def _turn(self, plan: TurnPlan, content: str, stream: ModelStream, ref) -> None:
-        await self.send({"type": "turn", "ref": ref, "session_id": plan.session_id,
-                         "history_turns_used": plan.history_turns_used,
-                         "history_turns_dropped": plan.history_turns_dropped})
+        await self.send({**turn_event(plan), "ref": ref})
         try:
             async for event in self.ingress._run_turn(plan, self.owner, content, stream):
                 await self.send({**event, "ref": ref})
@@ -274,10 +289,11 @@ class Ingress:
         try:
             messages = tuple({"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                              for m in body.messages)
-            request = GenerationRequest(messages=messages, sampling=sampling_from(body))
+            request = GenerationRequest(messages=messages, sampling=sampling_from(body),
+                                        use_prefix_cache=body.cache_prompt)
         except ValueError as exc:
             raise to_api_error(exc) from None
-        stream = await ModelStream.open(self.model, request)
+        stream = await ModelStream.open(self.model, request, conversation_key(messages))
         completion_id = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
         if body.stream:
@@ -349,9 +365,7 @@ class Ingress:
         plan, stream = await self._start_turn(session_id, owner, body)
 
         async def events():
-            yield {"event": "turn", "data": json.dumps({"session_id": session_id,
-                                                        "history_turns_used": plan.history_turns_used,
-                                                        "history_turns_dropped": plan.history_turns_dropped})}
+            yield {"event": "turn", "data": json.dumps(turn_event(plan))}
             async for event in self._run_turn(plan, owner, body.content, stream):
                 yield {"event": event["type"], "data": json.dumps(event)}
 
@@ -369,16 +383,19 @@ class Ingress:
         except ValueError as exc:
             raise to_api_error(exc) from None
         plan: TurnPlan = await self._call(self.dialogue.prepare_turn.remote(session_id, owner, fields.content))
-        request = GenerationRequest(prompt_token_ids=tuple(plan.prompt_token_ids), sampling=sampling)
-        return plan, await ModelStream.open(self.model, request)
+        request = GenerationRequest(prompt_token_ids=tuple(plan.prompt_token_ids), sampling=sampling,
+                                    use_prefix_cache=fields.cache_prompt)
+        return plan, await ModelStream.open(self.model, request, affinity_key=session_id)
 
     async def _run_turn(self, plan: TurnPlan, owner: str, content: str, stream: ModelStream):
         """Stream a turn's deltas as events; save the turn only once the reply is complete.
         A cancelled or failed reply saves nothing, so the history never holds half a turn."""
         parts: list[str] = []
+        generated_ids: list[int] = []
         ingress_metrics().session_entered(plan.session_id)
         try:
             async for delta in stream:
+                generated_ids += delta.token_ids
                 if delta.text:
                     parts.append(delta.text)
                     yield {"type": "delta", "text": delta.text}
@@ -386,8 +403,10 @@ class Ingress:
                     usage = self._usage(delta)
                     turn = Turn(user=content, assistant="".join(parts), finish_reason=delta.finish_reason,
                                 prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])
-                    await self._call(self.dialogue.commit_turn.remote(plan.session_id, owner, turn))
-                    yield {"type": "done", "finish_reason": delta.finish_reason, "usage": usage}
+                    await self._call(self.dialogue.commit_turn.remote(plan.session_id, owner, plan, turn,
+                                                                      generated_ids))
+                    yield {"type": "done", "finish_reason": delta.finish_reason, "usage": usage,
+                           "replica": delta.served_by}
         except ApiError as exc:
             ingress_metrics().error(exc.status, exc.code or exc.type)
             yield {"type": "error", **exc.body()["error"], "status": exc.status}

@@ -18,9 +18,10 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from engines.protocol import BatchSubmit, Delta, EngineError, GenerationRequest, SamplingParams
@@ -62,12 +63,14 @@ def run_coroutine_in_thread(coro):
     health_check_period_s=10,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=10,
+    request_router_config=RequestRouterConfig(request_router_class="serve_app.routing:SessionAffinityRouter"),
     autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 24,
                         "upscale_delay_s": 5, "downscale_delay_s": 30},
 )
 class ModelServer:
     def __init__(self, settings: ModelSettings, ops: DeploymentHandle | None = None):
         self.settings = settings
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         started = time.perf_counter()
         self.engine = create_engine(settings.engine_config())
         self.engine.start()
@@ -98,7 +101,9 @@ class ModelServer:
             return self.engine.submit(requests)
         return [self.engine.generate(r) for r in requests]
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest, affinity_key: str | None = None) -> AsyncIterator[Delta]:
+        """Stream one request's deltas. ``affinity_key`` is read by the request router
+        (serve_app/routing.py) to pick this replica; the replica itself does not need it."""
         watch = self.metrics.watch(started_s=time.perf_counter())
         stream = await self._admit(request)
         if isinstance(stream, EngineError):
@@ -106,7 +111,7 @@ class ModelServer:
         try:
             async for delta in stream:
                 watch.delta(delta)
-                yield delta
+                yield replace(delta, served_by=self.replica_id) if delta.finish_reason is not None else delta
         finally:
             watch.close()
             await stream.aclose()  # aborts the request if it has not finished
@@ -118,8 +123,7 @@ class ModelServer:
         return {"ready_s": round(self.ready_s, 3), "warmup_s": round(self.warmup_s, 3)}
 
     async def stats(self) -> dict:
-        context = serve.get_replica_context()
-        return {"replica": context.replica_id.unique_id, **asdict(self.engine.stats())}
+        return {"replica": self.replica_id, **asdict(self.engine.stats())}
 
     async def model_info(self) -> dict:
         manifest = getattr(getattr(self.engine, "target", None), "manifest", None)

@@ -19,6 +19,11 @@ class Turn(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     created_at: float = Field(default_factory=time.time)
+    # The token ids this turn added to the prompt before the reply, the reply's ids, and the oldest
+    # turn its prompt included: the next turn's prompt is built by appending (serve_app/context.py).
+    context_ids: list[int] = Field(default_factory=list)
+    reply_ids: list[int] = Field(default_factory=list)
+    window_start: int = 0
 
 
 class Session(BaseModel):
@@ -48,7 +53,11 @@ class TurnPlan(BaseModel):
     """What the dialogue deployment hands the ingress for the next turn."""
 
     session_id: str
+    turn_index: int  # how many turns the session had when the prompt was built
     prompt_token_ids: list[int]
+    context_ids: list[int]
+    window_start: int
+    append_only: bool
     history_turns_used: int
     history_turns_dropped: int
 
@@ -93,6 +102,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens even past EOS (benchmarks)")
+    cache_prompt: bool = Field(True, description="llama.cpp extension: false bypasses the prefix KV cache")
 
     @field_validator("stop")
     @classmethod

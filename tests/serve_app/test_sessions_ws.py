@@ -7,26 +7,9 @@ import httpx
 import pytest
 import websockets
 
+from .helpers import send_message
+
 pytestmark = pytest.mark.serve
-
-
-def sse_events(response) -> list[tuple[str, dict]]:
-    events, name = [], None
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line[6:])))
-    return events
-
-
-def send_message(base_url, session_id, content, headers=None, **fields):
-    with httpx.stream("POST", f"{base_url}/v1/sessions/{session_id}/messages", headers=headers, timeout=120,
-                      json={"content": content, "temperature": 0, "max_tokens": 24, **fields}) as r:
-        if r.status_code != 200:
-            r.read()
-            return r.status_code, r.json()
-        return 200, sse_events(r)
 
 
 def test_multiturn_history_grows_the_prompt(base_url):
