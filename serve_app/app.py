@@ -14,7 +14,12 @@ from .model import ModelServer
 from .ops import OpsCollector
 
 
-def build_app(args: dict | None = None, model_options: dict | None = None) -> Application:
+def build_app(args: dict | None = None) -> Application:
+    """The builder named in serve_config.yaml: Serve requires it to take exactly one parameter."""
+    return compose_app(args)
+
+
+def compose_app(args: dict | None = None, model_options: dict | None = None) -> Application:
     """``model_options``: Serve deployment options for ModelServer (Python callers; a config file
     sets them under ``deployments:``)."""
     settings = AppSettings.model_validate(args or {})

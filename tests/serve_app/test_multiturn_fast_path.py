@@ -7,7 +7,7 @@ import pytest
 import ray
 from ray import serve
 
-from serve_app.app import build_app
+from serve_app.app import compose_app
 
 from .conftest import TEST_ARGS
 from .helpers import turn
@@ -54,7 +54,7 @@ def test_openai_clients_resending_history_hit_the_cache(base_url):
 def pair_url(base_url):
     """A second app whose ModelServer has two fixed replicas (one torch thread each)."""
     args = {**TEST_ARGS, "model": {**TEST_ARGS["model"], "num_threads": 1}}
-    serve.run(build_app(args, model_options={"num_replicas": 2, "autoscaling_config": None,
+    serve.run(compose_app(args, model_options={"num_replicas": 2, "autoscaling_config": None,
                                              "ray_actor_options": {"num_cpus": 0.2}}),
               name="pair", route_prefix="/pair")
     yield base_url + "/pair"
