@@ -70,13 +70,15 @@ def test_history_is_cut_to_the_context_budget_by_whole_turns(base_url):
 
 
 async def ws_until(ws, kind, timeout=60):
-    """Receive events until one of type ``kind``; return (that event, everything before it)."""
+    """Receive events until one of type ``kind``; return (that event, everything before it but the
+    server's heartbeat pings, which arrive at any time: every second in the test config)."""
     seen = []
     while True:
         event = json.loads(await asyncio.wait_for(ws.recv(), timeout))
         if event["type"] == kind:
             return event, seen
-        seen.append(event)
+        if event["type"] != "ping":
+            seen.append(event)
 
 
 def ws_url(base_url):
