@@ -78,7 +78,8 @@ class ModelServer:
         self.ready_s = time.perf_counter() - started
         logger.info("model replica ready in %.2fs (warm-up %.2fs)", self.ready_s, self.warmup_s)
         self.metrics = ModelMetrics()
-        ReplicaReporter(self.engine, self.metrics, ops).start()  # engine stats -> metrics and /ops, every second
+        self.reporter = ReplicaReporter(self.engine, self.metrics, ops)  # engine stats -> metrics and /ops, each second
+        self.reporter.start()
 
     async def _warm_up(self) -> float:
         started = time.perf_counter()

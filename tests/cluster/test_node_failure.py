@@ -100,7 +100,10 @@ def test_model_replica_moves_to_another_node_when_its_node_dies(tmp_path, artifa
         config_path.write_text(yaml.safe_dump(cluster_config(http_port)))
         deployed = cluster.serve("deploy", str(config_path))
         assert deployed.returncode == 0, deployed.stderr
-        wait_until(lambda: _status(base_url + "/readyz") == 200, 240, "app ready")
+        try:
+            wait_until(lambda: _status(base_url + "/readyz") == 200, 240, "app ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; serve status:\n{cluster.serve('status').stdout}") from None
         timings["deployed_s"] = time.monotonic() - started
         assert wait_until(lambda: model_nodes(base_url), 30, "model replica reports") == {node_a}
 
