@@ -1,4 +1,4 @@
-"""The deployment graph: Ingress -> (DialogueState, ModelServer).
+"""The deployment graph: Ingress -> (DialogueState, ModelServer, OpsCollector); ModelServer -> OpsCollector.
 
 ``serve run serve_config.yaml`` calls :func:`build_app` with the ``args:`` mapping of the file.
 """
@@ -11,6 +11,7 @@ from .config import AppSettings
 from .dialogue import DialogueState
 from .ingress import Ingress
 from .model import ModelServer
+from .ops import OpsCollector
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -22,6 +23,7 @@ def build_graph(args: dict | None = None, model_options: dict | None = None) -> 
     """``model_options``: Serve deployment options for ModelServer (Python callers; a config file
     sets them under ``deployments:``)."""
     settings = AppSettings.model_validate(args or {})
-    model = ModelServer.options(**(model_options or {})).bind(settings.model)
+    ops = OpsCollector.bind()
+    model = ModelServer.options(**(model_options or {})).bind(settings.model, ops)
     dialogue = DialogueState.bind(settings)
-    return Ingress.bind(model, dialogue, settings)
+    return Ingress.bind(model, dialogue, settings, ops)

@@ -29,7 +29,9 @@ from engines.protocol import Delta, GenerationRequest, SamplingParams
 
 from .config import AppSettings
 from .errors import ApiError, to_api_error
+from .metrics import ingress_metrics
 from .moderation import Moderator
+from .pages import router as pages_router
 from .replies import create_event_log
 from .schemas import ChatCompletionRequest, CreateSessionRequest, SessionMessageRequest
 from .turns import ModelStream, TurnRunner, call, check_input, masked, room_log, usage_of
@@ -41,6 +43,7 @@ app = FastAPI(title="chatserve", description="OpenAI-compatible chat serving on 
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    ingress_metrics().error(exc.status, exc.code or exc.type)
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
@@ -49,7 +52,11 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", []) if p != "body"]
     message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+    ingress_metrics().error(400, "invalid_request_error")
     return JSONResponse(ApiError(400, message, param=".".join(loc) or None).body(), status_code=400)
+
+
+app.include_router(pages_router)  # the chat page (/), the ops page (/ops), their static files
 
 
 def owner_of(headers) -> str:
@@ -99,9 +106,11 @@ class _WsConnection:
             await self.ws.send_text(json.dumps(event))
 
     async def error(self, message: str, code: str = "bad_request", status: int = 400, ref=None) -> None:
+        ingress_metrics().error(status, code)
         await self.send({"type": "error", "code": code, "message": message, "status": status, "ref": ref})
 
     async def serve(self) -> None:
+        ingress_metrics().websocket_opened()
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             while True:
@@ -120,6 +129,8 @@ class _WsConnection:
             heartbeat.cancel()
             if self.reader is not None:
                 self.reader.cancel()
+            ingress_metrics().websocket_closed()
+            ingress_metrics().session_left(self.session_id)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -169,6 +180,8 @@ class _WsConnection:
             await self._enter_room(view, msg)
             return
         self._follow(None)
+        ingress_metrics().session_left(self.session_id)
+        ingress_metrics().session_entered(view["id"])
         self.session_id, self.room = view["id"], False
         await self.send({"type": "session", "ref": msg.get("ref"), **view})
 
@@ -232,7 +245,8 @@ class _WsConnection:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, model: DeploymentHandle, dialogue: DeploymentHandle, settings: AppSettings):
+    def __init__(self, model: DeploymentHandle, dialogue: DeploymentHandle, settings: AppSettings,
+                 ops: DeploymentHandle | None = None):
         self.model = model
         self.dialogue = dialogue
         self.settings = settings
@@ -242,6 +256,7 @@ class Ingress:
         self.turns = TurnRunner(model, dialogue, create_event_log(settings.dialogue), self.moderator,
                                 retention_s=settings.dialogue.reply_retention_s,
                                 max_reply_s=settings.dialogue.max_reply_s)
+        self.ops = ops
 
     # -- health ----------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -255,6 +270,14 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             return JSONResponse({"status": "not ready", "reason": repr(exc)[:300]}, status_code=503)
         return {"status": "ready", "model": model}
+
+    # -- ops -------------------------------------------------------------------------------------
+    @app.get("/ops/state")
+    async def ops_state(self) -> dict:
+        """Serve status, every model replica's engine stats, rolling TTFT and tokens/s, events."""
+        if self.ops is None:
+            raise ApiError(404, "no ops collector in this deployment graph", code="not_found")
+        return await call(self.ops.snapshot.remote())
 
     # -- OpenAI-compatible -----------------------------------------------------------------------
     @app.get("/v1/models")
@@ -315,7 +338,9 @@ class Ingress:
                     if include_usage:
                         yield chunk({}, usage=usage_of(delta), choices=False)
         except Exception as exc:  # noqa: BLE001 - reported in-band: the status line is already sent
-            yield {"data": json.dumps(to_api_error(exc).body())}
+            err = to_api_error(exc)
+            ingress_metrics().error(err.status, err.code or err.type)
+            yield {"data": json.dumps(err.body())}
         yield {"data": "[DONE]"}
 
     # -- sessions --------------------------------------------------------------------------------

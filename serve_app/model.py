@@ -22,11 +22,14 @@ from dataclasses import asdict, replace
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
 
 from engines.protocol import BatchSubmit, Delta, EngineError, GenerationRequest, SamplingParams
 from engines.registry import create_engine
 
 from .config import ModelSettings
+from .metrics import ModelMetrics
+from .ops import ReplicaReporter
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,7 +68,7 @@ def run_coroutine_in_thread(coro):
                         "upscale_delay_s": 5, "downscale_delay_s": 30},
 )
 class ModelServer:
-    def __init__(self, settings: ModelSettings):
+    def __init__(self, settings: ModelSettings, ops: DeploymentHandle | None = None):
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         started = time.perf_counter()
@@ -74,6 +77,9 @@ class ModelServer:
         self.warmup_s = run_coroutine_in_thread(self._warm_up())
         self.ready_s = time.perf_counter() - started
         logger.info("model replica ready in %.2fs (warm-up %.2fs)", self.ready_s, self.warmup_s)
+        self.metrics = ModelMetrics()
+        self.reporter = ReplicaReporter(self.engine, self.metrics, ops)  # engine stats -> metrics and /ops, each second
+        self.reporter.start()
 
     async def _warm_up(self) -> float:
         started = time.perf_counter()
@@ -99,13 +105,16 @@ class ModelServer:
     async def generate(self, request: GenerationRequest, affinity_key: str | None = None) -> AsyncIterator[Delta]:
         """Stream one request's deltas. ``affinity_key`` is read by the request router
         (serve_app/routing.py) to pick this replica; the replica itself does not need it."""
+        watch = self.metrics.watch(started_s=time.perf_counter())
         stream = await self._admit(request)
         if isinstance(stream, EngineError):
             raise stream
         try:
             async for delta in stream:
+                watch.delta(delta)
                 yield replace(delta, served_by=self.replica_id) if delta.finish_reason is not None else delta
         finally:
+            watch.close()
             await stream.aclose()  # aborts the request if it has not finished
 
     def check_health(self) -> None:

@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from engines.protocol import Delta, GenerationRequest, SamplingParams
 
 from .errors import ApiError, to_api_error
+from .metrics import ingress_metrics
 from .replies import EventLog, LogNotFoundError, new_reply_id, reply_created_s
 from .schemas import SessionMessageRequest, Turn, TurnPlan
 
@@ -202,6 +203,7 @@ class TurnRunner:
         A cancelled or failed reply saves nothing, so the history never holds half a turn."""
         parts: list[str] = []
         generated_ids: list[int] = []
+        ingress_metrics().session_entered(plan.session_id)
         try:
             async for delta in masked(stream, self.moderator):
                 generated_ids += delta.token_ids
@@ -215,11 +217,12 @@ class TurnRunner:
                     await call(self.dialogue.commit_turn.remote(plan.session_id, owner, plan, turn, generated_ids))
                     yield {"type": "done", "finish_reason": delta.finish_reason, "usage": usage,
                            "replica": delta.served_by}
-        except ApiError as exc:
-            yield {"type": "error", **exc.body()["error"], "status": exc.status}
         except Exception as exc:  # noqa: BLE001 - reported in-band
             err = to_api_error(exc)
+            ingress_metrics().error(err.status, err.code or err.type)
             yield {"type": "error", **err.body()["error"], "status": err.status}
+        finally:
+            ingress_metrics().session_left(plan.session_id)
 
     # -- readers -----------------------------------------------------------------------------------
     async def check_reply(self, reply_id: str, session_id: str, owner: str) -> dict:

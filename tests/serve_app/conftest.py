@@ -23,14 +23,27 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_app(artifact_dir):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_app(artifact_dir, metrics_port):
+    # Ray's metrics endpoint on a free port, exporting every second (default 10 s) for the metrics tests.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(TEST_ARGS), name="chat", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(serve_app, metrics_port) -> str:
+    """Ray's Prometheus endpoint of this (single-node) cluster."""
+    return f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,8 @@ def test_history_is_cut_to_the_context_budget_by_whole_turns(base_url):
 
 
 async def ws_until(ws, kind, timeout=60):
-    """Receive events until one of type ``kind``; return (that event, everything before it)."""
+    """Receive events until one of type ``kind``; return (that event, everything before it but the
+    server's heartbeat pings, which arrive at any time: every second in the test config)."""
     seen = []
     while True:
         event = json.loads(await asyncio.wait_for(ws.recv(), timeout))

@@ -1,0 +1,322 @@
+// The chat page: a client of the WebSocket protocol in docs/websocket.md, plus the sessions API for
+// the session list.
+//
+// How reconnecting works: ChatSocket reopens a dropped socket with exponential backoff and then calls
+// ChatApp.resync(), which sends `start` for the current session; the server answers `session` with the
+// saved history, which replaces what is on screen. A reply that was streaming when the socket dropped
+// is not saved by the server (a turn is saved only once complete), so it is marked "interrupted" and
+// its message goes back into the input box. Resumable replies are the one change planned here: once the
+// server accepts `resume`, resync() sends {type: "resume", session_id, last_event_id: this.lastEventId}
+// while a reply is pending and keeps the pending bubble instead of marking it interrupted
+// (lastEventId is already tracked from events that carry an `id`).
+
+"use strict";
+
+const params = new URLSearchParams(location.search);
+const USER = params.get("user") || localStorage.getItem("chatserve.user") || `web-${crypto.randomUUID().slice(0, 12)}`;
+localStorage.setItem("chatserve.user", USER);
+const CURRENT_KEY = `chatserve.session.${USER}`;
+
+const $ = (sel) => document.querySelector(sel);
+
+function renderMarkdown(el, text) {
+  el.innerHTML = DOMPurify.sanitize(marked.parse(text, { gfm: true, breaks: true }));
+  for (const pre of el.querySelectorAll("pre")) {
+    const code = pre.querySelector("code");
+    const lang = code && [...code.classList].find((c) => c.startsWith("language-"));
+    if (lang) {
+      const tag = document.createElement("span");
+      tag.className = "lang";
+      tag.textContent = lang.slice("language-".length);
+      pre.prepend(tag);
+    }
+    const copy = document.createElement("button");
+    copy.className = "copy";
+    copy.type = "button";
+    copy.textContent = "copy";
+    copy.onclick = () => navigator.clipboard?.writeText(code ? code.textContent : pre.textContent);
+    pre.appendChild(copy);
+  }
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    headers: { "X-User-Id": USER, "content-type": "application/json", ...(options.headers || {}) },
+  });
+  if (!response.ok && response.status !== 404) throw new Error(`${path}: HTTP ${response.status}`);
+  return response.status === 204 || response.status === 404 ? null : response.json();
+}
+
+/** One WebSocket to /v1/ws that comes back by itself: backoff 0.5 s, 1 s, 2 s ... 8 s. */
+class ChatSocket {
+  constructor(url, { onEvent, onOpen, onState }) {
+    Object.assign(this, { url, onEvent, onOpen, onState, attempt: 0, ws: null, timer: null });
+  }
+
+  connect() {
+    const ws = new WebSocket(this.url);
+    this.ws = ws;
+    ws.onopen = () => {
+      this.attempt = 0;
+      this.onState("open");
+      this.onOpen();
+    };
+    ws.onmessage = (frame) => {
+      let event;
+      try { event = JSON.parse(frame.data); } catch { return; }
+      if (event.type === "ping") this.send({ type: "pong" });
+      else this.onEvent(event);
+    };
+    ws.onclose = () => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      this.onState("reconnecting");
+      const delay = Math.min(8000, 500 * 2 ** this.attempt++) * (0.75 + Math.random() / 2);
+      this.timer = setTimeout(() => this.connect(), delay);
+    };
+  }
+
+  get open() { return this.ws !== null && this.ws.readyState === WebSocket.OPEN; }
+
+  send(message) {
+    if (!this.open) return false;
+    this.ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  /** Drop the connection as a network failure would (used to test reconnecting). */
+  drop() { this.ws?.close(); }
+}
+
+class ChatApp {
+  constructor() {
+    this.sessionId = localStorage.getItem(CURRENT_KEY);
+    this.pending = null; // {ref, el, text, content} of the reply being streamed
+    this.queued = null; // a message waiting for its new session
+    this.lastEventId = null;
+    this.refs = 0;
+    const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/ws?user=${encodeURIComponent(USER)}`;
+    this.socket = new ChatSocket(wsUrl, {
+      onEvent: (e) => this.onEvent(e),
+      onOpen: () => this.resync(),
+      onState: (state) => this.showConnection(state),
+    });
+  }
+
+  start() {
+    $("#composer").addEventListener("submit", (e) => { e.preventDefault(); this.send(); });
+    $("#prompt").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); this.send(); }
+    });
+    $("#stop").addEventListener("click", () => this.socket.send({ type: "cancel" }));
+    $("#new-chat").addEventListener("click", () => this.newChat());
+    this.socket.connect();
+    this.refreshSessions();
+  }
+
+  // -- connection ---------------------------------------------------------------------------------
+  showConnection(state) {
+    const el = $("#conn-state");
+    el.dataset.state = state;
+    el.textContent = state === "open" ? "connected" : "reconnecting…";
+    if (state !== "open" && this.pending) {
+      this.finishPending("interrupted", "connection lost: this reply was not saved");
+    }
+  }
+
+  resync() {
+    if (this.sessionId) this.socket.send({ type: "start", session_id: this.sessionId, ref: "resync" });
+  }
+
+  nextRef() { return `r${++this.refs}`; }
+
+  // -- sending ------------------------------------------------------------------------------------
+  send() {
+    const content = $("#prompt").value.trim();
+    if (!content || this.pending || this.queued) return;
+    if (!this.socket.open) { this.notice("Not connected yet; your message is kept. Try again in a moment."); return; }
+    $("#prompt").value = "";
+    this.notice(null);
+    if (this.sessionId) {
+      this.sendMessage(content);
+    } else {
+      this.queued = content;
+      this.socket.send({ type: "start", title: content.slice(0, 60), ref: "new" });
+    }
+  }
+
+  sendMessage(content) {
+    const ref = this.nextRef();
+    const message = { type: "message", content, ref };
+    const maxTokens = parseInt($("#max-tokens").value, 10);
+    const temperature = parseFloat($("#temperature").value);
+    if (maxTokens > 0) message.max_tokens = maxTokens;
+    if (temperature >= 0) message.temperature = temperature;
+    this.clearEmpty();
+    this.addMessage("user", content);
+    this.pending = { ref, content, text: "", el: this.addMessage("assistant", "", "streaming") };
+    this.setBusy(true);
+    if (!this.socket.send(message)) this.finishPending("interrupted", "not sent: the connection dropped");
+  }
+
+  // -- events from the server ---------------------------------------------------------------------
+  onEvent(event) {
+    if (event.id !== undefined) this.lastEventId = event.id;
+    switch (event.type) {
+      case "session": return this.onSession(event);
+      case "turn":
+        if (this.pending && event.history_turns_dropped > 0) {
+          this.pending.note = `${event.history_turns_dropped} older turn(s) left out of the context`;
+        }
+        return;
+      case "delta":
+        if (!this.pending) return;
+        this.pending.text += event.text;
+        return this.renderPending();
+      case "done": return this.onDone(event);
+      case "error": return this.onError(event);
+      default: return;
+    }
+  }
+
+  onSession(session) {
+    this.sessionId = session.id;
+    localStorage.setItem(CURRENT_KEY, session.id);
+    this.renderHistory(session.messages);
+    this.refreshSessions();
+    if (session.ref === "new" && this.queued) {
+      const content = this.queued;
+      this.queued = null;
+      this.sendMessage(content);
+    }
+  }
+
+  onDone(event) {
+    if (!this.pending) return;
+    if (event.finish_reason === "cancelled") {
+      this.finishPending("stopped", "stopped: this reply was not saved");
+    } else {
+      const tokens = event.usage ? `${event.usage.completion_tokens} tokens` : "";
+      this.finishPending("done", [event.finish_reason, tokens, this.pending.note].filter(Boolean).join(" · "));
+    }
+    this.refreshSessions();
+  }
+
+  onError(event) {
+    if (event.ref === "resync" || event.ref === "open") {
+      // The session is gone (expired, deleted, or the server lost its memory): start afresh.
+      this.newChat();
+      this.notice(`That session is no longer available (${event.message}).`);
+    } else if (event.ref === "new") {
+      $("#prompt").value = this.queued || "";
+      this.queued = null;
+      this.notice(`Could not start a session: ${event.message}`);
+    } else if (this.pending && event.ref === this.pending.ref) {
+      this.finishPending("error", `error ${event.status}: ${event.message}`);
+    } else if (event.code !== "nothing_to_cancel") {
+      this.notice(`Error: ${event.message}`);
+    }
+  }
+
+  // -- the message list ---------------------------------------------------------------------------
+  addMessage(role, text, state = "done") {
+    const el = document.createElement("div");
+    el.className = `msg ${role}`;
+    el.dataset.state = state;
+    el.innerHTML = `<div class="body"></div><div class="status"></div>`;
+    if (role === "assistant") renderMarkdown(el.querySelector(".body"), text);
+    else el.querySelector(".body").textContent = text;
+    $("#messages").appendChild(el);
+    el.scrollIntoView({ block: "end" });
+    return el;
+  }
+
+  renderPending() {
+    if (this.renderScheduled) return;
+    this.renderScheduled = true;
+    requestAnimationFrame(() => {
+      this.renderScheduled = false;
+      if (!this.pending) return;
+      renderMarkdown(this.pending.el.querySelector(".body"), this.pending.text);
+      this.pending.el.scrollIntoView({ block: "end" });
+    });
+  }
+
+  finishPending(state, status) {
+    const pending = this.pending;
+    this.pending = null;
+    this.setBusy(false);
+    renderMarkdown(pending.el.querySelector(".body"), pending.text);
+    pending.el.dataset.state = state;
+    pending.el.querySelector(".status").textContent = status;
+    if (state === "interrupted") {
+      if (!$("#prompt").value) $("#prompt").value = pending.content;
+      this.notice("The connection dropped during a reply, so it was not saved; your message is back in the box.");
+    }
+  }
+
+  renderHistory(messages) {
+    if (this.pending) return; // a live reply is on screen; the history will be fetched after it
+    const box = $("#messages");
+    box.innerHTML = "";
+    const visible = messages.filter((m) => m.role !== "system");
+    if (!visible.length) box.innerHTML = `<p class="empty">Start a conversation: type below.</p>`;
+    for (const m of visible) this.addMessage(m.role, m.content);
+  }
+
+  clearEmpty() { $("#messages .empty")?.remove(); }
+
+  newChat() {
+    if (this.pending) this.socket.send({ type: "cancel" });
+    this.sessionId = null;
+    localStorage.removeItem(CURRENT_KEY);
+    this.renderHistory([]);
+    this.refreshSessions();
+    $("#prompt").focus();
+  }
+
+  setBusy(busy) {
+    $("#send").disabled = busy;
+    $("#stop").hidden = !busy;
+  }
+
+  notice(text) {
+    const el = $("#notice");
+    el.hidden = !text;
+    el.textContent = text || "";
+  }
+
+  // -- the session list ---------------------------------------------------------------------------
+  async refreshSessions() {
+    let sessions;
+    try { sessions = (await api("/v1/sessions")).data; } catch { return; }
+    const list = $("#sessions");
+    list.innerHTML = "";
+    for (const s of sessions) {
+      const li = document.createElement("li");
+      li.dataset.id = s.id;
+      li.classList.toggle("active", s.id === this.sessionId);
+      li.innerHTML = `<span class="title"></span><button class="delete" type="button" title="Delete">✕</button>`;
+      li.querySelector(".title").textContent = `${s.title || "Untitled"} (${s.turns})`;
+      li.querySelector(".title").onclick = () => this.open(s.id);
+      li.querySelector(".delete").onclick = () => this.remove(s.id);
+      list.appendChild(li);
+    }
+  }
+
+  open(sessionId) {
+    if (this.pending || sessionId === this.sessionId) return;
+    this.sessionId = sessionId;
+    this.socket.send({ type: "start", session_id: sessionId, ref: "open" });
+  }
+
+  async remove(sessionId) {
+    await api(`/v1/sessions/${sessionId}`, { method: "DELETE" });
+    if (sessionId === this.sessionId) this.newChat();
+    else this.refreshSessions();
+  }
+}
+
+window.chatApp = new ChatApp();
+window.chatApp.start();

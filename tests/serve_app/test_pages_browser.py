@@ -1,0 +1,128 @@
+"""The chat page and the ops page in a real browser: headless Debian Chromium driven by Playwright.
+
+Screenshots go to test-artifacts/ (gitignored). Without /usr/bin/chromium (make test installs it with
+apt-get as root) these tests skip and say so.
+"""
+
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.serve, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+TIMEOUT_MS = 90_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed at /usr/bin/chromium; `make test` installs it with apt-get as root")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Python playwright missing: run `make setup`")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def open_chat(page, base_url, user):
+    page.goto(f"{base_url}/?user={user}")
+    page.wait_for_selector("#conn-state[data-state=open]")
+
+
+def send(page, text, max_tokens):
+    if page.locator("#composer details").get_attribute("open") is None:
+        page.click("#composer summary")  # the settings fold
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#prompt", text)
+    page.click("#send")
+
+
+def last_reply(page):
+    return page.locator(".msg.assistant").last
+
+
+def test_chat_streams_a_reply_and_shows_the_history_after_reload(page, base_url):
+    user = f"browser-{uuid.uuid4().hex[:8]}"
+    open_chat(page, base_url, user)
+    send(page, "Show a Python hello world in a code block.", max_tokens=40)
+    # Streaming: text is on screen while the reply is still marked as streaming.
+    page.wait_for_function("""() => { const m = [...document.querySelectorAll('.msg.assistant')].pop();
+        return m && m.dataset.state === 'streaming' && m.querySelector('.body').textContent.length > 0; }""")
+    page.wait_for_selector(".msg.assistant[data-state=done]")
+    reply = last_reply(page).locator(".body").inner_text()
+    assert reply.strip()
+    assert "tokens" in last_reply(page).locator(".status").inner_text()
+    assert page.locator("#sessions li").count() == 1  # the new session is listed, titled by the message
+    assert "Python hello world" in page.locator("#sessions li").first.inner_text()
+
+    page.reload()
+    page.wait_for_selector("#conn-state[data-state=open]")
+    page.wait_for_selector(".msg.assistant")
+    messages = page.locator(".msg")
+    assert messages.count() == 2
+    assert messages.nth(0).inner_text().strip() == "Show a Python hello world in a code block."
+    assert messages.nth(1).locator(".body").inner_text() == reply  # the saved reply, rendered the same way
+
+
+def test_stop_button_stops_the_reply_and_nothing_is_saved(page, base_url):
+    user = f"browser-{uuid.uuid4().hex[:8]}"
+    open_chat(page, base_url, user)
+    send(page, "Write a very long poem about the sea.", max_tokens=400)
+    page.wait_for_function("""() => { const m = [...document.querySelectorAll('.msg.assistant')].pop();
+        return m && m.querySelector('.body').textContent.length > 0; }""")
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant[data-state=stopped]")
+    assert "not saved" in last_reply(page).locator(".status").inner_text()
+    assert page.locator("#send").is_enabled() and page.locator("#stop").is_hidden()
+    sessions = httpx.get(f"{base_url}/v1/sessions", headers={"X-User-Id": user}).json()["data"]
+    assert [s["turns"] for s in sessions] == [0]
+
+
+def test_reconnects_after_the_socket_drops_and_goes_on(page, base_url):
+    user = f"browser-{uuid.uuid4().hex[:8]}"
+    open_chat(page, base_url, user)
+    send(page, "Say one word.", max_tokens=8)
+    page.wait_for_selector(".msg.assistant[data-state=done]")
+    page.evaluate("window.chatApp.socket.drop()")
+    page.wait_for_selector("#conn-state[data-state=reconnecting]")
+    page.wait_for_selector("#conn-state[data-state=open]")  # back, and `start` re-bound the same session
+    send(page, "Say another word.", max_tokens=8)
+    page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length === 2")
+    sessions = httpx.get(f"{base_url}/v1/sessions", headers={"X-User-Id": user}).json()["data"]
+    assert [s["turns"] for s in sessions] == [2]  # both turns in the one session
+
+
+def test_ops_page_shows_live_figures(page, base_url):
+    r = httpx.post(base_url + "/v1/chat/completions", timeout=120,
+                   json={"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hello"}],
+                         "max_tokens": 8})
+    assert r.status_code == 200
+    page.goto(f"{base_url}/ops")
+    page.wait_for_function("""() => ['#fig-tokens', '#fig-ttft-p50', '#fig-ttft-p95']
+        .every(s => document.querySelector(s).textContent !== '–')""")
+    assert int(page.inner_text("#fig-replicas")) >= 1
+    assert float(page.inner_text("#fig-tokens")) > 0
+    assert page.inner_text("#fig-ttft-p50").endswith(("ms", "s"))
+    deployments = page.locator("#deployments tbody tr").all_inner_texts()
+    assert {"Ingress", "DialogueState", "ModelServer", "OpsCollector"} <= {row.split("\t")[0] for row in deployments}
+    assert page.locator("#replicas tbody tr").count() >= 1
+    assert page.locator("#events li[data-kind=replica_up]").count() >= 1
+    assert page.locator("#chart-tokens polyline, #chart-tokens circle").count() >= 1
