@@ -88,18 +88,28 @@ class LocalCluster:
     def start_node(self, name: str, num_cpus: float, resources: dict | None = None, head: bool = False) -> Node:
         temp_dir = str(self.root / name)
         low, high = free_port_range()
+        taken = {self.gcs_port, self.dashboard_port}
+
+        def node_port() -> int:
+            """A free port for one component, outside this node's worker range and not used yet."""
+            while True:
+                port = free_port()
+                if not low <= port <= high and port not in taken:
+                    taken.add(port)
+                    return port
+
         args = [str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}",
                 f"--num-cpus={num_cpus}", "--object-store-memory=200000000",
-                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-                f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                f"--node-manager-port={node_port()}", f"--object-manager-port={node_port()}",
+                f"--metrics-export-port={node_port()}", f"--dashboard-agent-listen-port={node_port()}",
+                f"--dashboard-agent-grpc-port={node_port()}", f"--runtime-env-agent-port={node_port()}",
                 f"--min-worker-port={low}", f"--max-worker-port={high}"]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         if head:
             args += ["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                     f"--ray-client-server-port={free_port()}"]
+                     f"--ray-client-server-port={node_port()}"]
         else:
             args += [f"--address={self.address}", "--node-ip-address=127.0.0.1"]
         log_path = self.root / f"{name}.log"

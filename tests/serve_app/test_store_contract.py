@@ -195,7 +195,7 @@ async def test_another_identity_gets_not_found(make_store):
         await core.get_session(created["id"], "mallory")
     with pytest.raises(SessionNotFoundError):
         await core.delete_session(created["id"], "mallory")
-    plan = TurnPlan(session_id=created["id"], turn_index=0, prompt_token_ids=[1], context_ids=[1], window_start=0,
+    plan = TurnPlan(session_id=created["id"], turn_index=0, room=False, prompt_token_ids=[1], context_ids=[1], window_start=0,
                     append_only=True, history_turns_used=0, history_turns_dropped=0)
     with pytest.raises(SessionNotFoundError):
         await core.commit_turn(created["id"], "mallory", plan, turn("sneaky"), generated_ids=[2])
