@@ -51,7 +51,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    ignore_eos: bool = False  # keep generating past EOS until max_tokens (benchmarks)
+    ignore_eos: bool = False  # never pick EOS or another special token: text until max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

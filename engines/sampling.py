@@ -6,8 +6,17 @@ from __future__ import annotations
 import torch
 
 
-def sample_next_tokens(logits: torch.Tensor, seqs) -> list[int]:
-    """``logits`` is ``(batch, vocab)`` float32; ``seqs[i].request.sampling`` says how to pick row i."""
+def sample_next_tokens(logits: torch.Tensor, seqs, banned_if_ignore_eos: torch.Tensor | None = None) -> list[int]:
+    """``logits`` is ``(batch, vocab)`` float32; ``seqs[i].request.sampling`` says how to pick row i.
+
+    Rows with ``ignore_eos`` never pick ``banned_if_ignore_eos`` (EOS and the other special tokens),
+    as llama.cpp's ``ignore_eos`` does: the reply goes on as text to ``max_tokens``, instead of
+    running on past an end-of-turn into tokens that have no text (benchmarks need every token seen)."""
+    if banned_if_ignore_eos is not None and banned_if_ignore_eos.numel():
+        rows = [i for i, seq in enumerate(seqs) if seq.request.sampling.ignore_eos]
+        if rows:
+            index = torch.tensor(rows, device=logits.device)[:, None]
+            logits[index, banned_if_ignore_eos[None, :]] = float("-inf")
     tokens = torch.argmax(logits, dim=-1).tolist()
     for i, seq in enumerate(seqs):
         params = seq.request.sampling

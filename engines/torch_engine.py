@@ -129,6 +129,10 @@ class TorchEngine:
                              self.device, self.config.max_running_seqs, self.max_seq_len)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_tokens)
         self.eos_ids = self._eos_token_ids()
+        vocab = self.model.config.vocab_size  # a tokenizer may name ids the model has no logits for
+        self._banned_if_ignore_eos = torch.tensor(
+            sorted(i for i in self.eos_ids | set(self.tokenizer.all_special_ids) if 0 <= i < vocab),
+            dtype=torch.long, device=self.device)
         self._decoder = self.model.get_decoder()
         self._lm_head = self.model.get_output_embeddings()
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -393,7 +397,7 @@ class TorchEngine:
             # chunk may be partial), so they join the decoding rows without moving.
             seqs = [chunks[i][0] for i in done]
             self._num_decoding += len(done)
-            self._accept_tokens(seqs, sample_next_tokens(logits[done], seqs))
+            self._accept_tokens(seqs, sample_next_tokens(logits[done], seqs, self._banned_if_ignore_eos))
 
     def _decode(self) -> None:
         seqs = self._running[: self._num_decoding]
@@ -405,7 +409,7 @@ class TorchEngine:
         for s in seqs:
             s.num_computed += 1
         self._counters["last_batch_size"] = len(seqs)
-        self._accept_tokens(seqs, sample_next_tokens(logits, seqs))
+        self._accept_tokens(seqs, sample_next_tokens(logits, seqs, self._banned_if_ignore_eos))
 
     def _accept_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
         for seq, token in zip(seqs, tokens, strict=True):

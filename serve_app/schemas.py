@@ -103,7 +103,8 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
-    ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens even past EOS (benchmarks)")
+    ignore_eos: bool = Field(False, description="vLLM/llama.cpp extension: never end early, text up to max_tokens "
+                             "(EOS and special tokens are not picked; for benchmarks)")
     cache_prompt: bool = Field(True, description="llama.cpp extension: false bypasses the prefix KV cache")
 
     @field_validator("stop")

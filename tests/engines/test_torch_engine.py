@@ -78,6 +78,17 @@ async def test_eos_ends_sequence_without_special_text(engine):
     assert "<|im_end|>" not in text and "Paris" in text
 
 
+async def test_ignore_eos_writes_text_to_max_tokens(engine):
+    # The same question ends by itself after a few tokens (test above); with ignore_eos it goes on in text.
+    text, tokens, deltas = await collect(engine, chat("What is the capital of France?", max_tokens=60,
+                                                      ignore_eos=True))
+    assert deltas[-1].finish_reason == "length" and len(tokens) == 60
+    special = set(engine.tokenizer.all_special_ids) | engine.eos_ids
+    assert not special & set(tokens)
+    assert text.startswith("The capital of France is Paris") and len(text) > 150
+    assert sum(1 for d in deltas if d.text) > 30  # streamed as text all along, not held back
+
+
 @pytest.mark.parametrize("stop", ["Paris", "of France", "capital"])
 async def test_stop_string_ends_output_and_never_leaks(engine, stop):
     full, _, _ = await collect(engine, chat("What is the capital of France?", max_tokens=60))
