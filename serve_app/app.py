@@ -19,11 +19,12 @@ def build_app(args: dict | None = None) -> Application:
     return build_graph(args)
 
 
-def build_graph(args: dict | None = None, model_options: dict | None = None) -> Application:
-    """``model_options``: Serve deployment options for ModelServer (Python callers; a config file
-    sets them under ``deployments:``)."""
+def build_graph(args: dict | None = None, model_options: dict | None = None,
+                ingress_options: dict | None = None) -> Application:
+    """``model_options`` / ``ingress_options``: Serve deployment options for ModelServer / Ingress
+    (Python callers; a config file sets them under ``deployments:``)."""
     settings = AppSettings.model_validate(args or {})
     ops = OpsCollector.bind()
     model = ModelServer.options(**(model_options or {})).bind(settings.model, ops)
     dialogue = DialogueState.bind(settings)
-    return Ingress.bind(model, dialogue, settings, ops)
+    return Ingress.options(**(ingress_options or {})).bind(model, dialogue, settings, ops)

@@ -28,7 +28,7 @@ from sse_starlette.sse import EventSourceResponse
 from engines.protocol import Delta, GenerationRequest, SamplingParams
 
 from .config import AppSettings
-from .errors import ApiError, to_api_error
+from .errors import STORE_ERRORS, ApiError, to_api_error
 from .metrics import ingress_metrics
 from .moderation import Moderator
 from .pages import router as pages_router
@@ -47,6 +47,13 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+@app.exception_handler(STORE_ERRORS[0])
+@app.exception_handler(STORE_ERRORS[1])
+@app.exception_handler(STORE_ERRORS[2])
+async def _store_error(request: Request, exc: Exception) -> JSONResponse:
+    return await _api_error(request, to_api_error(exc))
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
@@ -57,6 +64,31 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 app.include_router(pages_router)  # the chat page (/), the ops page (/ops), their static files
+
+
+class ServedBy:
+    """ASGI middleware: every HTTP response and WebSocket handshake names the ingress replica that
+    served it (``X-Served-By: <replica id>``), for operators following one request through a
+    multi-replica ingress, and for tests that resume a reply on another replica."""
+
+    replica: bytes = b""  # set by the Ingress replica of this process
+
+    def __init__(self, asgi_app):
+        self.asgi_app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or not ServedBy.replica:
+            return await self.asgi_app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] in ("http.response.start", "websocket.accept"):
+                message = {**message, "headers": [*message.get("headers", []), (b"x-served-by", ServedBy.replica)]}
+            await send(message)
+
+        return await self.asgi_app(scope, receive, send_with_header)
+
+
+app.add_middleware(ServedBy)
 
 
 def owner_of(headers) -> str:
@@ -109,6 +141,11 @@ class _WsConnection:
         ingress_metrics().error(status, code)
         await self.send({"type": "error", "code": code, "message": message, "status": status, "ref": ref})
 
+    async def report(self, exc: Exception, ref) -> None:
+        """An error event for ``exc`` (an :class:`ApiError`, or the store being unreachable: 503)."""
+        err = to_api_error(exc)
+        await self.error(err.message, err.code or err.type, err.status, ref)
+
     async def serve(self) -> None:
         ingress_metrics().websocket_opened()
         heartbeat = asyncio.create_task(self._heartbeat())
@@ -158,8 +195,8 @@ class _WsConnection:
                 await self.turns.cancel(self.reply_id)
             else:
                 await self.error(f"unknown message type {kind!r}", ref=ref)
-        except ApiError as exc:
-            await self.error(exc.message, exc.code or exc.type, exc.status, ref)
+        except (ApiError, *STORE_ERRORS) as exc:
+            await self.report(exc, ref)
 
     @staticmethod
     def _str_field(msg: dict, name: str) -> str | None:
@@ -183,7 +220,7 @@ class _WsConnection:
         ingress_metrics().session_left(self.session_id)
         ingress_metrics().session_entered(view["id"])
         self.session_id, self.room = view["id"], False
-        await self.send({"type": "session", "ref": msg.get("ref"), **view})
+        await self.send({"type": "session", "ref": msg.get("ref"), **await self.ingress.session_view(view)})
 
     async def join(self, msg: dict) -> None:
         session_id = self._str_field(msg, "session_id")
@@ -199,7 +236,7 @@ class _WsConnection:
         after = self._str_field(msg, "last_event_id")
         self.session_id, self.room = view["id"], True
         await self.ingress.open_room(view["id"])
-        await self.send({"type": "session", "ref": msg.get("ref"), **view})
+        await self.send({"type": "session", "ref": msg.get("ref"), **await self.ingress.session_view(view)})
         if after is None:  # a first join: only what happens from now on (the history came above)
             after = await self.turns.log.last_id(room_log(view["id"]))
         await self.turns.log.append(room_log(view["id"]), {"type": "member_joined", "member": self.name})
@@ -223,6 +260,9 @@ class _WsConnection:
             raise ApiError(400, "resume needs reply_id", param="reply_id")
         meta = await self.turns.check_reply(reply_id, self._str_field(msg, "session_id") or self.session_id or "",
                                             self.owner)
+        if meta["session_id"] != self.session_id:
+            ingress_metrics().session_left(self.session_id)
+            ingress_metrics().session_entered(meta["session_id"])
         self.session_id, self.reply_id = meta["session_id"], reply_id
         self._follow(self.turns.events(reply_id, self._str_field(msg, "last_event_id")), msg.get("ref"))
 
@@ -238,8 +278,8 @@ class _WsConnection:
                 await self.send({**event, "id": event_id, "ref": ref})
                 if event["type"] in ("done", "error") and event.get("reply_id") == self.reply_id:
                     self.reply_id = None
-        except ApiError as exc:
-            await self.error(exc.message, exc.code or exc.type, exc.status, ref)
+        except (ApiError, *STORE_ERRORS) as exc:
+            await self.report(exc, ref)
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512)
@@ -247,6 +287,7 @@ class _WsConnection:
 class Ingress:
     def __init__(self, model: DeploymentHandle, dialogue: DeploymentHandle, settings: AppSettings,
                  ops: DeploymentHandle | None = None):
+        ServedBy.replica = serve.get_replica_context().replica_id.unique_id.encode()
         self.model = model
         self.dialogue = dialogue
         self.settings = settings
@@ -257,6 +298,12 @@ class Ingress:
                                 retention_s=settings.dialogue.reply_retention_s,
                                 max_reply_s=settings.dialogue.max_reply_s)
         self.ops = ops
+
+    async def __del__(self) -> None:
+        """Serve calls this on graceful shutdown (scale-down, redeploy): replies still running get
+        10 s to finish, then end as cancelled, so their readers and session locks are not left
+        waiting (``graceful_shutdown_timeout_s`` is 20 s)."""
+        await self.turns.shutdown(grace_s=10)
 
     # -- health ----------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -359,7 +406,8 @@ class Ingress:
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str, request: Request):
-        return await call(self.dialogue.get_session.remote(session_id, owner_of(request.headers)))
+        return await self.session_view(await call(self.dialogue.get_session.remote(session_id,
+                                                                                   owner_of(request.headers))))
 
     @app.delete("/v1/sessions/{session_id}", status_code=204)
     async def delete_session(self, session_id: str, request: Request):
@@ -372,8 +420,8 @@ class Ingress:
         owner = owner_of(request.headers)
         reply_id = await self.turns.start(session_id, owner, body, author=request.headers.get("x-user-id"))
         meta = await self.turns.check_reply(reply_id, session_id, owner)
-        return EventSourceResponse(self._sse(reply_id, meta, None), ping=15,
-                                   headers={"Content-Location": f"/v1/sessions/{session_id}/replies/{reply_id}"})
+        location = f"{request.scope.get('root_path', '')}/v1/sessions/{session_id}/replies/{reply_id}"
+        return EventSourceResponse(self._sse(reply_id, meta, None), ping=15, headers={"Content-Location": location})
 
     @app.get("/v1/sessions/{session_id}/replies/{reply_id}")
     async def reply_events(self, session_id: str, reply_id: str, request: Request):
@@ -395,6 +443,11 @@ class Ingress:
             yield {"id": event_id, "event": event["type"], "data": json.dumps(event)}
             if key != reply_id and event["type"] in ("done", "error") and event.get("reply_id") == reply_id:
                 return
+
+    async def session_view(self, view: dict) -> dict:
+        """A session as clients see it: with ``active_reply_id``, the reply being generated (None if
+        none), so a client that lost track of it (a drop before its first event) can resume it."""
+        return {**view, "active_reply_id": await self.turns.active_reply(view["id"])}
 
     async def open_room(self, session_id: str) -> None:
         """Make sure a room's timeline exists; it lives as long as the session."""

@@ -76,7 +76,9 @@ class RedisSessionStore:
 
     @classmethod
     def from_url(cls, url: str, ttl_s: float, key_prefix: str = "chatserve:") -> RedisSessionStore:
-        return cls(aioredis.Redis.from_url(url, decode_responses=True), ttl_s, key_prefix)
+        # Timeouts: a hung or unreachable Redis becomes a 503 within seconds instead of a stuck request.
+        client = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, socket_timeout=10)
+        return cls(client, ttl_s, key_prefix)
 
     async def aclose(self) -> None:
         await self.client.aclose()

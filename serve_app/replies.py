@@ -78,6 +78,9 @@ class EventLog(Protocol):
 
     async def release(self, name: str, holder: str) -> None: ...
 
+    async def holder(self, name: str) -> str | None:
+        """Who holds the lock ``name`` now (None: free)."""
+
     async def request_cancel(self, key: str) -> None: ...
 
     async def cancel_requested(self, key: str) -> bool: ...
@@ -172,6 +175,10 @@ class InMemoryEventLog:
         if self._locks.get(name, (None,))[0] == holder:
             del self._locks[name]
 
+    async def holder(self, name: str) -> str | None:
+        current = self._locks.get(name)
+        return current[0] if current is not None and time.time() < current[1] else None
+
     async def request_cancel(self, key: str) -> None:
         log = self._live(key)
         if log is not None:
@@ -197,7 +204,10 @@ class RedisEventLog:
                  block_ms: int = 1000):
         import redis.asyncio as redis
 
-        self.redis = redis.Redis.from_url(url, decode_responses=True)
+        # Timeouts: an unreachable or hung Redis fails the call (503) instead of hanging it; reads
+        # block in XREAD for block_ms, so the socket timeout is longer than that.
+        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
+                                          socket_timeout=block_ms / 1000 + 10)
         self.prefix = key_prefix
         self.max_events_per_log = max_events_per_log
         self.block_ms = block_ms
@@ -269,6 +279,9 @@ class RedisEventLog:
 
     async def release(self, name: str, holder: str) -> None:
         await self._release(keys=[f"{self.prefix}lock:{name}"], args=[holder])
+
+    async def holder(self, name: str) -> str | None:
+        return await self.redis.get(f"{self.prefix}lock:{name}")
 
     async def request_cancel(self, key: str) -> None:
         await self.redis.set(self._k(key, "cancel"), "1", ex=3600)

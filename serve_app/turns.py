@@ -14,6 +14,7 @@ One reply at a time per session: the producer holds the session's turn lock unti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -108,6 +109,11 @@ async def masked(stream: AsyncIterator[Delta], moderator) -> AsyncIterator[Delta
         yield delta
 
 
+def error_event(err: ApiError) -> dict:
+    """A reply's in-band error, shaped like the WebSocket protocol's error frames."""
+    return {"type": "error", "code": err.code or err.type, "message": err.message, "status": err.status}
+
+
 def turn_event(plan: TurnPlan, reply_id: str) -> dict:
     return {"type": "turn", "reply_id": reply_id, "session_id": plan.session_id, "turn_index": plan.turn_index,
             "history_turns_used": plan.history_turns_used, "history_turns_dropped": plan.history_turns_dropped,
@@ -165,9 +171,10 @@ class TurnRunner:
                 await self.log.append(target, {"type": "message", "author": author or owner, "content": content,
                                                "reply_id": reply_id})
         except BaseException as exc:
-            await self.log.release(f"turn:{session_id}", reply_id)
             if not opened.done():
-                opened.set_exception(exc)
+                opened.set_exception(exc)  # first: the caller must get its answer even if Redis is gone
+            with contextlib.suppress(Exception):
+                await self.log.release(f"turn:{session_id}", reply_id)
             return
         opened.set_result(None)
         await self._produce(target, reply_id, plan, owner, content, stream)
@@ -220,7 +227,7 @@ class TurnRunner:
         except Exception as exc:  # noqa: BLE001 - reported in-band
             err = to_api_error(exc)
             ingress_metrics().error(err.status, err.code or err.type)
-            yield {"type": "error", **err.body()["error"], "status": err.status}
+            yield error_event(err)
         finally:
             ingress_metrics().session_left(plan.session_id)
 
@@ -251,7 +258,16 @@ class TurnRunner:
         if task is not None:
             task.cancel()
 
-    async def wait_all(self) -> None:
-        """Let running replies finish (graceful shutdown)."""
+    async def active_reply(self, session_id: str) -> str | None:
+        """The id of the reply being generated in this session, if one is."""
+        return await self.log.holder(f"turn:{session_id}")
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Graceful shutdown: let running replies finish for ``grace_s``, then cancel the rest, which
+        ends their event logs (``done``, ``cancelled``) and frees their sessions' turn locks."""
         if self._producers:
-            await asyncio.wait(list(self._producers.values()), timeout=self.max_reply_s)
+            await asyncio.wait(list(self._producers.values()), timeout=grace_s)
+        if self._producers:
+            for task in list(self._producers.values()):
+                task.cancel()
+            await asyncio.wait(list(self._producers.values()), timeout=5)

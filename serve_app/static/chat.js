@@ -2,13 +2,19 @@
 // the session list.
 //
 // How reconnecting works: ChatSocket reopens a dropped socket with exponential backoff and then calls
-// ChatApp.resync(), which sends `start` for the current session; the server answers `session` with the
-// saved history, which replaces what is on screen. A reply that was streaming when the socket dropped
-// is not saved by the server (a turn is saved only once complete), so it is marked "interrupted" and
-// its message goes back into the input box. Resumable replies are the one change planned here: once the
-// server accepts `resume`, resync() sends {type: "resume", session_id, last_event_id: this.lastEventId}
-// while a reply is pending and keeps the pending bubble instead of marking it interrupted
-// (lastEventId is already tracked from events that carry an `id`).
+// ChatApp.resync(). Replies go on on the server when a socket drops, and every event of a reply has an
+// id, so:
+// - a reply that was streaming keeps its bubble ("resuming…"); resync() sends
+//   {type: "resume", reply_id, last_event_id} and the rest of the reply streams into the same bubble;
+// - a drop before the reply's first event (its id not known yet): resync() sends `start`, and the
+//   `session` answer names the reply being generated (`active_reply_id`), which is then resumed;
+// - with no reply in flight, resync() sends `start` for the current session and the saved history
+//   replaces what is on screen;
+// - a reload in the middle of a reply: the reply's id is kept in localStorage, so after the history
+//   comes back the page resumes that reply from its first event.
+// If the reply is gone (retention over, 404/410), a notice says so and the saved history is shown;
+// if the store is unavailable (503), resuming is tried again after 2 s. Stop works while resuming
+// too: it cancels the reply by its URL (POST .../replies/{id}/cancel).
 
 "use strict";
 
@@ -16,6 +22,7 @@ const params = new URLSearchParams(location.search);
 const USER = params.get("user") || localStorage.getItem("chatserve.user") || `web-${crypto.randomUUID().slice(0, 12)}`;
 localStorage.setItem("chatserve.user", USER);
 const CURRENT_KEY = `chatserve.session.${USER}`;
+const PENDING_KEY = `chatserve.pending.${USER}`; // {replyId, sessionId, turnIndex, content}: a reply in flight
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -92,7 +99,7 @@ class ChatSocket {
 class ChatApp {
   constructor() {
     this.sessionId = localStorage.getItem(CURRENT_KEY);
-    this.pending = null; // {ref, el, text, content} of the reply being streamed
+    this.pending = null; // {ref, el, text, content, replyId} of the reply being streamed
     this.queued = null; // a message waiting for its new session
     this.lastEventId = null;
     this.refs = 0;
@@ -109,7 +116,7 @@ class ChatApp {
     $("#prompt").addEventListener("keydown", (e) => {
       if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); this.send(); }
     });
-    $("#stop").addEventListener("click", () => this.socket.send({ type: "cancel" }));
+    $("#stop").addEventListener("click", () => this.stop());
     $("#new-chat").addEventListener("click", () => this.newChat());
     this.socket.connect();
     this.refreshSessions();
@@ -121,12 +128,67 @@ class ChatApp {
     el.dataset.state = state;
     el.textContent = state === "open" ? "connected" : "reconnecting…";
     if (state !== "open" && this.pending) {
-      this.finishPending("interrupted", "connection lost: this reply was not saved");
+      this.pending.el.dataset.state = "resuming";
+      this.pending.el.querySelector(".status").textContent = "connection lost: resuming…";
+    }
+    if (state !== "open" && this.queued) { // the new session was not confirmed: keep the message
+      $("#prompt").value = this.queued;
+      this.queued = null;
     }
   }
 
   resync() {
-    if (this.sessionId) this.socket.send({ type: "start", session_id: this.sessionId, ref: "resync" });
+    if (this.pending?.replyId) this.resume(this.pending.replyId, this.lastEventId);
+    else if (this.sessionId) this.socket.send({ type: "start", session_id: this.sessionId, ref: "resync" });
+  }
+
+  /** Follow a reply from after ``lastEventId`` (or from its start): its events stream into `pending`. */
+  resume(replyId, lastEventId) {
+    this.socket.send({ type: "resume", reply_id: replyId, session_id: this.sessionId, last_event_id: lastEventId,
+                       ref: "resume" });
+  }
+
+  /** Stop the reply being generated: by its URL once its id is known (works while reconnecting). */
+  stop() {
+    const pending = this.pending;
+    if (pending?.replyId && this.sessionId) {
+      api(`/v1/sessions/${this.sessionId}/replies/${pending.replyId}/cancel`, { method: "POST" })
+        .catch((e) => this.notice(`Could not stop the reply: ${e.message}`));
+    } else {
+      this.socket.send({ type: "cancel" });
+    }
+  }
+
+  /** After a reconnect, the answer to `start`: pick up a reply whose id we never saw, if it runs. */
+  recover(session) {
+    const pending = this.pending;
+    if (session.active_reply_id) {
+      pending.replyId = session.active_reply_id;
+      this.resume(pending.replyId, null);
+      return;
+    }
+    // Nothing running: the reply finished meanwhile (then it is in the history) or never started.
+    const msgs = session.messages.filter((m) => m.role !== "system");
+    const saved = msgs.length >= 2 && msgs[msgs.length - 2].content === pending.content;
+    this.finishPending(saved ? "done" : "interrupted", saved ? "" : "connection lost before the reply started");
+    this.renderHistory(session.messages);
+  }
+
+  /** After a reload: the reply that was streaming when the page went away, if it belongs here. */
+  resumeSaved(session) {
+    let saved = null;
+    try { saved = JSON.parse(localStorage.getItem(PENDING_KEY)); } catch { /* nothing saved */ }
+    if (!saved || saved.sessionId !== session.id || this.pending) return;
+    if (session.turns > saved.turnIndex) { // it finished meanwhile and is in the history on screen
+      localStorage.removeItem(PENDING_KEY);
+      return;
+    }
+    this.clearEmpty();
+    this.addMessage("user", saved.content);
+    this.pending = { ref: "resume", content: saved.content, text: "", replyId: saved.replyId,
+                     el: this.addMessage("assistant", "", "streaming") };
+    this.setBusy(true);
+    this.resume(saved.replyId, null);
   }
 
   nextRef() { return `r${++this.refs}`; }
@@ -166,12 +228,20 @@ class ChatApp {
     switch (event.type) {
       case "session": return this.onSession(event);
       case "turn":
-        if (this.pending && event.history_turns_dropped > 0) {
+        if (!this.pending) return;
+        this.pending.replyId = event.reply_id;
+        localStorage.setItem(PENDING_KEY, JSON.stringify({ replyId: event.reply_id, sessionId: this.sessionId,
+                                                           turnIndex: event.turn_index, content: this.pending.content }));
+        if (event.history_turns_dropped > 0) {
           this.pending.note = `${event.history_turns_dropped} older turn(s) left out of the context`;
         }
         return;
       case "delta":
         if (!this.pending) return;
+        if (this.pending.el.dataset.state === "resuming") {
+          this.pending.el.dataset.state = "streaming";
+          this.pending.el.querySelector(".status").textContent = "";
+        }
         this.pending.text += event.text;
         return this.renderPending();
       case "done": return this.onDone(event);
@@ -181,10 +251,12 @@ class ChatApp {
   }
 
   onSession(session) {
+    if (session.ref === "resync" && this.pending && !this.pending.replyId) return this.recover(session);
     this.sessionId = session.id;
     localStorage.setItem(CURRENT_KEY, session.id);
     this.renderHistory(session.messages);
     this.refreshSessions();
+    if (session.ref === "resync") this.resumeSaved(session);
     if (session.ref === "new" && this.queued) {
       const content = this.queued;
       this.queued = null;
@@ -204,7 +276,18 @@ class ChatApp {
   }
 
   onError(event) {
-    if (event.ref === "resync" || event.ref === "open") {
+    if (event.ref === "resume" && event.id !== undefined) {
+      // The resumed reply itself failed (an event of its log).
+      if (this.pending) this.finishPending("error", `error ${event.status}: ${event.message}`);
+    } else if (event.ref === "resume" && event.status === 503) {
+      setTimeout(() => this.resync(), 2000); // the store is back soon, or the next try says more
+    } else if (event.ref === "resume") {
+      // The reply can no longer be followed (gone after its retention, or unknown): show what is saved.
+      localStorage.removeItem(PENDING_KEY);
+      if (this.pending) this.finishPending("error", "could not resume");
+      this.notice(`This reply could not be resumed (${event.message}); the saved conversation is shown.`);
+      this.socket.send({ type: "start", session_id: this.sessionId, ref: "reload" });
+    } else if (event.ref === "resync" || event.ref === "open") {
       // The session is gone (expired, deleted, or the server lost its memory): start afresh.
       this.newChat();
       this.notice(`That session is no longer available (${event.message}).`);
@@ -246,13 +329,14 @@ class ChatApp {
   finishPending(state, status) {
     const pending = this.pending;
     this.pending = null;
+    localStorage.removeItem(PENDING_KEY);
     this.setBusy(false);
     renderMarkdown(pending.el.querySelector(".body"), pending.text);
     pending.el.dataset.state = state;
     pending.el.querySelector(".status").textContent = status;
     if (state === "interrupted") {
       if (!$("#prompt").value) $("#prompt").value = pending.content;
-      this.notice("The connection dropped during a reply, so it was not saved; your message is back in the box.");
+      this.notice("The connection dropped before the reply started; your message is back in the box.");
     }
   }
 
@@ -268,7 +352,10 @@ class ChatApp {
   clearEmpty() { $("#messages .empty")?.remove(); }
 
   newChat() {
-    if (this.pending) this.socket.send({ type: "cancel" });
+    if (this.pending) {
+      this.stop();
+      this.finishPending("stopped", "stopped");
+    }
     this.sessionId = null;
     localStorage.removeItem(CURRENT_KEY);
     this.renderHistory([]);

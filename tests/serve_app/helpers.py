@@ -6,8 +6,13 @@ import httpx
 
 
 def sse_events(response) -> list[tuple[str, dict]]:
+    return parse_sse(response.iter_lines())
+
+
+def parse_sse(lines) -> list[tuple[str, dict]]:
+    """[(event name, data)] of an SSE body given as lines."""
     events, name = [], None
-    for line in response.iter_lines():
+    for line in lines:
         if line.startswith("event: "):
             name = line[7:]
         elif line.startswith("data: "):

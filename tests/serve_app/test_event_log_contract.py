@@ -6,11 +6,9 @@ import pytest
 
 from serve_app.replies import InMemoryEventLog, LogNotFoundError, RedisEventLog
 
-from .test_store_contract import redis_prefix, redis_url  # noqa: F401 - shared fixtures
-
 
 @pytest.fixture(params=["memory", "redis"])
-async def log(request, redis_prefix):  # noqa: F811
+async def log(request, redis_prefix):
     if request.param == "memory":
         yield InMemoryEventLog()
         return
@@ -44,8 +42,11 @@ async def test_missing_log_claims_and_cancel(log):
     assert await log.claim("turn:s1", "r2", 30) == "r1"
     await log.release("turn:s1", "r2")  # not the holder: no effect
     assert await log.claim("turn:s1", "r2", 30) == "r1"
+    assert await log.holder("turn:s1") == "r1"
     await log.release("turn:s1", "r1")
+    assert await log.holder("turn:s1") is None
     assert await log.claim("turn:s1", "r2", 30) is None
+    assert await log.holder("turn:s1") == "r2"
     await log.create("r9", {}, ttl_s=60)
     assert not await log.cancel_requested("r9")
     await log.request_cancel("r9")

@@ -104,9 +104,9 @@ async def test_websocket_resume_after_a_dropped_socket(base_url):
     assert done["usage"]["completion_tokens"] == 40
 
 
-async def test_room_broadcast_and_offline_delivery(base_url):
+async def test_room_broadcast_and_offline_delivery(any_store_url):
     def url(user):
-        return base_url.replace("http://", "ws://") + f"/v1/ws?user={user}"
+        return any_store_url.replace("http://", "ws://") + f"/v1/ws?user={user}"
 
     async with websockets.connect(url("ann")) as ann, websockets.connect(url("bob")) as bob:
         await ann.send(json.dumps({"type": "start", "room": True, "title": "team"}))
@@ -138,10 +138,10 @@ async def test_room_broadcast_and_offline_delivery(base_url):
         assert [e["content"] for e in missed if e["type"] == "message"] == ["And a moon of it?"]
         assert "".join(e["text"] for e in missed if e["type"] == "delta") == \
             "".join(e["text"] for e in before_bob if e["type"] == "delta")
-        history = httpx.get(f"{base_url}/v1/sessions/{room['id']}", headers={"X-User-Id": "carl"}).json()
+        history = httpx.get(f"{any_store_url}/v1/sessions/{room['id']}", headers={"X-User-Id": "carl"}).json()
         assert history["turns"] == 2
         # Rooms are joined by id, but only the owner may delete one.
-        assert httpx.delete(f"{base_url}/v1/sessions/{room['id']}", headers={"X-User-Id": "bob"}).status_code == 404
+        assert httpx.delete(f"{any_store_url}/v1/sessions/{room['id']}", headers={"X-User-Id": "bob"}).status_code == 404
 
 
 async def test_blocked_input_is_refused_everywhere_and_nothing_is_stored(base_url):

@@ -7,76 +7,16 @@ free port for this run. Each test writes under its own key prefix; the run's key
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
-import time
-import uuid
 
 import pytest
-import redis
 
 from serve_app.config import AppSettings, DialogueSettings
 from serve_app.dialogue import DialogueCore, SessionNotFoundError
-from serve_app.redis_store import DEFAULT_REDIS_URL, RedisSessionStore
+from serve_app.redis_store import RedisSessionStore
 from serve_app.schemas import Session, Turn, TurnPlan
 from serve_app.store import InMemorySessionStore, SessionStore, SessionStoreUnavailableError, create_store
 
-RUN_PREFIX = f"chatserve-test:{uuid.uuid4().hex[:12]}:"
-
-
-def _answers_ping(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
-    server = None
-    if not _answers_ping(url):
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail(f"no Redis answers at {url} and there is no redis-server binary to start one: "
-                        "install redis-server (.ci/run does) or set REDIS_URL")
-        port = _free_port()
-        url = f"redis://127.0.0.1:{port}/0"
-        server = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(tmp_path_factory.mktemp("redis"))],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 10
-        while not _answers_ping(url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"private redis-server on port {port} did not start: {server.communicate()[1]}")
-            time.sleep(0.05)
-    yield url
-    client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(match=f"{RUN_PREFIX}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
-    if server is not None:
-        server.terminate()
-        server.wait(10)
-
-
-@pytest.fixture
-def redis_prefix() -> str:
-    return f"{RUN_PREFIX}{uuid.uuid4().hex[:8]}:"
+from .conftest import free_port
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -259,7 +199,7 @@ async def test_create_store_picks_redis_from_settings_or_env(redis_url, redis_pr
 
 
 async def test_unreachable_redis_is_a_clear_error():
-    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     store = create_store(DialogueSettings(store="redis", redis_url=url))
     try:
         with pytest.raises(SessionStoreUnavailableError, match=f"cannot reach Redis at {url}"):
