@@ -75,7 +75,7 @@ def launch_app(config_path: str, num_cpus: int | None = None, ready_timeout_s: f
     """Start the app described by ``config_path``; yield a :class:`LaunchedApp`; tear it all down."""
     temp_dir = tempfile.mkdtemp(prefix="rb-")  # short: Ray's socket paths live under it
     gcs, dashboard, metrics, client, agent, http = free_ports(6)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": "1000",
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": os.environ.get("RAY_metrics_report_interval_ms", "1000"),
            "RAY_USAGE_STATS_ENABLED": "0"}
     head_log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - closed in finally
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--dashboard-port", str(dashboard),

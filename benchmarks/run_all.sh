@@ -18,8 +18,10 @@ bench() { "$PY" -m benchmarks serve --out "$OUT" --slo "$SLO" "$@"; }
 wanted() { [[ " $ONLY " == *" $1 "* ]]; }
 
 # Steady closed-loop load, 30 s per level (autoscaling as configured: 32 streams may bring a 2nd replica).
-wanted steady && bench --launch "$CONFIG" --profile concurrency --concurrency 1,8,32 --duration-s 30 \
-    --max-tokens 64 --name steady
+# Replicas are sampled every 5 s here (1 s in the step run): on 2 cores the dashboard's work per sample
+# costs the model replica measurable time.
+wanted steady && bench --launch "$CONFIG" --sample-interval-s 5 --profile concurrency --concurrency 1,8,32 \
+    --duration-s 30 --max-tokens 64 --name steady
 
 # The autoscaling picture: 1 stream, then 32 for 90 s (above target_ongoing_requests=24 -> 2 replicas after
 # upscale_delay_s), then 1 again for 80 s (downscale after downscale_delay_s=30). ~3.5 min of load.
@@ -27,8 +29,11 @@ wanted step && bench --launch "$CONFIG" --profile step --stages 1:20,32:90,1:80 
 
 # Multi-turn: 4 conversations x 8 turns of ~90-token messages and 96-token replies (turn 8 sees ~1500
 # history tokens, within context_budget_tokens), prefix-KV reuse on, then off (cache_prompt=false).
-wanted multiturn && bench --launch "$CONFIG" --profile multiturn --turns 8 --conversations 4 --user-tokens 90 \
+wanted multiturn && bench --launch "$CONFIG" --sample-interval-s 5 --profile multiturn --turns 8 --conversations 4 --user-tokens 90 \
     --max-tokens 96 --think-time-s 1 --name multiturn
+# The same with one conversation: the cost of the history alone, without other conversations' steps.
+wanted multiturn && bench --launch "$CONFIG" --sample-interval-s 5 --profile multiturn --turns 8 --conversations 1 \
+    --user-tokens 90 --max-tokens 96 --think-time-s 1 --name multiturn_single
 
 # The baseline (one transformers generate per request, no batching) at 1 and 8 streams, side by side.
 if wanted baseline; then
