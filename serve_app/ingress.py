@@ -34,7 +34,7 @@ from .moderation import Moderator
 from .pages import router as pages_router
 from .replies import create_event_log
 from .schemas import ChatCompletionRequest, CreateSessionRequest, SessionMessageRequest
-from .turns import ModelStream, TurnRunner, call, check_input, masked, room_log, usage_of
+from .turns import ModelStream, TurnRunner, call, check_input, error_event, masked, room_log, usage_of
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,11 +47,12 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-@app.exception_handler(STORE_ERRORS[0])
-@app.exception_handler(STORE_ERRORS[1])
-@app.exception_handler(STORE_ERRORS[2])
 async def _store_error(request: Request, exc: Exception) -> JSONResponse:
     return await _api_error(request, to_api_error(exc))
+
+
+for _store_exc in STORE_ERRORS:  # the store or the event log cannot reach Redis: 503
+    app.add_exception_handler(_store_exc, _store_error)
 
 
 @app.exception_handler(RequestValidationError)
@@ -139,7 +140,7 @@ class _WsConnection:
 
     async def error(self, message: str, code: str = "bad_request", status: int = 400, ref=None) -> None:
         ingress_metrics().error(status, code)
-        await self.send({"type": "error", "code": code, "message": message, "status": status, "ref": ref})
+        await self.send({**error_event(ApiError(status, message, code=code)), "ref": ref})
 
     async def report(self, exc: Exception, ref) -> None:
         """An error event for ``exc`` (an :class:`ApiError`, or the store being unreachable: 503)."""

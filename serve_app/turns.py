@@ -40,6 +40,11 @@ def room_log(session_id: str) -> str:
     return f"room:{session_id}"
 
 
+def turn_lock(session_id: str) -> str:
+    """The lock a session's reply holds while it is generated (one reply at a time per session)."""
+    return f"turn:{session_id}"
+
+
 def usage_of(delta: Delta) -> dict:
     u = delta.usage
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
@@ -143,7 +148,7 @@ class TurnRunner:
             raise to_api_error(exc) from None
         check_input(self.moderator, content)  # moderate
         reply_id = new_reply_id()
-        holder = await self.log.claim(f"turn:{session_id}", reply_id, self.max_reply_s)
+        holder = await self.log.claim(turn_lock(session_id), reply_id, self.max_reply_s)
         if holder is not None:
             raise ApiError(409, f"a reply is already being generated in this session ({holder}); "
                            "wait for it, resume it, or cancel it", code="busy")
@@ -174,7 +179,7 @@ class TurnRunner:
             if not opened.done():
                 opened.set_exception(exc)  # first: the caller must get its answer even if Redis is gone
             with contextlib.suppress(Exception):
-                await self.log.release(f"turn:{session_id}", reply_id)
+                await self.log.release(turn_lock(session_id), reply_id)
             return
         opened.set_result(None)
         await self._produce(target, reply_id, plan, owner, content, stream)
@@ -197,7 +202,7 @@ class TurnRunner:
         finally:
             watcher.cancel()
             await self.log.finish(reply_id, self.retention_s)
-            await self.log.release(f"turn:{plan.session_id}", reply_id)
+            await self.log.release(turn_lock(plan.session_id), reply_id)
 
     async def _watch_cancel(self, reply_id: str, producer: asyncio.Task) -> None:
         """Cancellation may be asked on any ingress replica: it is a flag in the log, polled here."""
@@ -260,7 +265,7 @@ class TurnRunner:
 
     async def active_reply(self, session_id: str) -> str | None:
         """The id of the reply being generated in this session, if one is."""
-        return await self.log.holder(f"turn:{session_id}")
+        return await self.log.holder(turn_lock(session_id))
 
     async def shutdown(self, grace_s: float) -> None:
         """Graceful shutdown: let running replies finish for ``grace_s``, then cancel the rest, which
