@@ -35,6 +35,7 @@ browser:
 	else echo "note: /usr/bin/chromium missing and apt-get needs root: the browser tests will be skipped"; fi
 
 run: setup
+	@$(PY) -m serve_app.admin bootstrap
 	$(VENV)/bin/serve run serve_config.yaml
 
 test: setup browser

@@ -1,11 +1,11 @@
-"""``python -m benchmarks <engine|serve|baseline-server|compare> ...``"""
+"""``python -m benchmarks <engine|serve|peers|coldstart|overload|baseline-server|compare> ...``"""
 
 import sys
 
-from . import baseline_server, compare, engine, serve
+from . import baseline_server, coldstart, compare, engine, overload, peers, serve
 
 COMMANDS = {"engine": engine.main, "serve": serve.main, "baseline-server": baseline_server.main,
-            "compare": compare.main}
+            "compare": compare.main, "peers": peers.main, "coldstart": coldstart.main, "overload": overload.main}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

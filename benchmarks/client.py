@@ -1,5 +1,6 @@
-"""How one request is sent and timed: an OpenAI streaming chat completion, or one turn of the sessions
-API. Both read the server-sent events as they arrive and stamp every content chunk on the run's clock.
+"""How one request is sent and timed: an OpenAI streaming chat completion, one turn of the sessions
+API, or one streamed response of OpenAI's Responses API (a ``previous_response_id`` chain). Each
+reads the server-sent events as they arrive and stamps every content chunk on the run's clock.
 
 A failure never raises out of here: the request is returned with an error kind (``http_503``,
 ``timeout``, ``connect_error``, ``connection_lost``, ``stream_error``, ``no_usage``,
@@ -150,3 +151,32 @@ async def session_turn(http: httpx.AsyncClient, clock: Clock, session_id: str, c
     body = {"content": content, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos,
             "seed": seed, "cache_prompt": cache_prompt}
     return await _timed_stream(http, clock, f"/v1/sessions/{session_id}/messages", body, _read_session_event)
+
+
+def _read_response_event(record: RequestRecord, name: str | None, data: str, clock: Clock) -> bool:
+    """The Responses API's stream: text deltas, then ``response.completed`` (or ``.incomplete``)."""
+    if name == "response.output_text.delta":
+        if json.loads(data).get("delta"):
+            record.chunk_times_s.append(clock.now())
+    elif name == "response.created":
+        record.response_id = json.loads(data)["response"]["id"]
+    elif name in ("response.completed", "response.incomplete"):
+        usage = json.loads(data)["response"]["usage"]
+        record.prompt_tokens, record.output_tokens = usage["input_tokens"], usage["output_tokens"]
+        record.cached_tokens = (usage.get("input_tokens_details") or {}).get("cached_tokens")
+        return True
+    elif name in ("response.failed", "error"):
+        record.error, record.error_detail = "stream_error", data[:300]
+        return True
+    return False
+
+
+async def response_turn(http: httpx.AsyncClient, clock: Clock, model: str, content: str, max_tokens: int,
+                        previous_response_id: str | None, instructions: str | None = None,
+                        cache_prompt: bool = True, ignore_eos: bool = True, seed: int = 0) -> RequestRecord:
+    """One streamed ``POST /v1/responses`` continuing the chain of ``previous_response_id``: the server
+    keeps the conversation. The new response's id is ``record.response_id``."""
+    body = {"model": model, "input": content, "max_output_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "previous_response_id": previous_response_id, "instructions": instructions, "seed": seed,
+            "ignore_eos": ignore_eos, "cache_prompt": cache_prompt}
+    return await _timed_stream(http, clock, "/v1/responses", body, _read_response_event)

@@ -1,12 +1,18 @@
-"""In-process engine benchmark: the engine's throughput against the raw decode ceiling.
+"""In-process engine benchmark: the engine's throughput against the raw decode ceiling and the machine's limits.
 
-    python -m benchmarks.engine --batch 1,32 --max-tokens 64 --json out.json
+    python -m benchmarks engine --batch 1,32 --max-tokens 64 --json out.json
 
-For each batch size B it measures (a) the raw decode ceiling: the model's forward alone at batch B
-with a Hugging Face KV cache, one token per sequence per step, no scheduling, sampling or
-detokenization; (b) the engine serving B concurrent requests of ``--max-tokens`` output tokens each
-(EOS ignored so every request produces exactly that many): output tokens/s over the whole run (prompt
-reading included), tokens/s over the decode phase only, and time to first token.
+For each batch size B it measures (a) the raw decode ceiling: the runner's model forward alone at
+batch B over a KV cache of the prompt's length, one token per sequence per step, no scheduling,
+sampling or detokenization; (b) the engine serving B concurrent requests of ``--max-tokens`` output
+tokens each (EOS ignored so every request produces exactly that many): output tokens/s over the whole
+run (prompt reading included), tokens/s over the decode phase only, and time to first token.
+
+How close to the machine's limits (``roofline``): a decode step at batch B does
+``B * flops_per_token`` floating-point operations and reads every weight matrix once. From the decode
+phase's step time it reports achieved GFLOP/s against a matmul peak measured here in the same dtype
+and threads (a large square matmul), and weight GB/s against a measured memory read bandwidth (sum
+of a 512 MiB tensor). Batch 1 is bound by the weight reads, batch 32 by the matmuls.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,6 +32,7 @@ from engines.config import EngineConfig
 from engines.protocol import GenerationRequest, SamplingParams
 from engines.registry import create_engine
 
+from . import coldstart
 from .machine import describe_machine, int_list, peak_rss_mb, run_cli
 
 PROMPTS = [
@@ -35,20 +43,71 @@ PROMPTS = [
 ]
 
 
-def raw_decode_tok_s(model, prompt_ids: list[int], batch: int, steps: int) -> float:
-    """Forward passes only: prefill once, then ``steps`` decode steps at batch ``batch``."""
-    from transformers import DynamicCache
+def raw_decode_tok_s(engine, prompt_len: int, batch: int, steps: int) -> float:
+    """The runner's forward alone: ``batch`` rows decoding from ``prompt_len`` for ``steps`` steps."""
+    from engines.attention import AttentionMetadata, create_attention_backend
+    from engines.kv_cache import KVCache
 
+    runner, spec = engine.runner, engine.runner.spec
+    # A KV cache of its own (the engine's loop owns the engine's), the same weights.
+    kv = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, runner.dtype, runner.device, batch,
+                 prompt_len + steps + 1)
+    kv.reserve(batch, prompt_len + steps + 1, 0, 1 << 30)
+    attention = create_attention_backend("torch", kv, spec.num_heads, spec.head_dim)
+    rows = torch.arange(batch)
     with torch.inference_mode():
-        ids = torch.tensor([prompt_ids] * batch)
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
-        for _ in range(steps):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-        return batch * steps / (time.perf_counter() - start)
+        for step in range(steps):
+            positions = torch.full((batch,), prompt_len + step)
+            attention.prepare(AttentionMetadata((prompt_len + step + 1,) * batch, (), rows, positions))
+            logits = runner.model.forward(torch.full((batch,), 42), positions, attention, rows)
+            logits.argmax(-1).tolist()
+        elapsed = time.perf_counter() - start
+    return batch * steps / elapsed
+
+
+def profile_forward(engine, prompt_len: int, batch: int, steps: int = 8, rows: int = 15) -> str:
+    """torch.profiler's top operators (self CPU time) over ``steps`` raw decode steps, as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        raw_decode_tok_s(engine, prompt_len, batch, steps)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def matmul_peak_gflop_s(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def memory_read_gb_s(mib: int = 512, repeats: int = 5) -> float:
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    x.sum()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        x.sum()
+    return x.numel() * 4 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def roofline(engine, batch: int, tok_s: float, context_len: int, peak_gflop_s: float, bandwidth_gb_s: float) -> dict:
+    """Achieved rates of a decode step at ``batch`` rows running at ``tok_s`` tokens/s in total."""
+    spec, model = engine.runner.spec, engine.runner.model
+    step_s = batch / tok_s
+    flops = batch * spec.flops_per_token(context_len)
+    weight_bytes = model.matmul_parameters() * model.embed.element_size()
+    return {
+        "step_ms": round(step_s * 1000, 2),
+        "gflop_per_step": round(flops / 1e9, 3),
+        "gflop_s": round(flops / step_s / 1e9, 1),
+        "gflop_s_share_of_peak": round(flops / step_s / 1e9 / peak_gflop_s, 3),
+        "weight_mb_per_step": round(weight_bytes / 1e6, 1),
+        "weight_gb_s": round(weight_bytes / step_s / 1e9, 2),
+        "weight_gb_s_share_of_bandwidth": round(weight_bytes / step_s / 1e9 / bandwidth_gb_s, 3),
+    }
 
 
 async def engine_run(engine, batch: int, max_tokens: int) -> dict:
@@ -85,19 +144,23 @@ async def engine_run(engine, batch: int, max_tokens: int) -> dict:
 
 
 async def run(args) -> dict:
-    config = EngineConfig(model=args.model, num_threads=args.threads, max_running_seqs=max(args.batch),
-                          kv_budget_tokens=args.kv_budget_tokens, prefix_cache_tokens=0)
+    config = EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads,
+                          max_running_seqs=max(args.batch), kv_budget_tokens=args.kv_budget_tokens,
+                          prefix_cache_tokens=0)
     engine = create_engine(config)
     engine.start()
-    prompt_ids = engine.apply_chat_template([{"role": "user", "content": PROMPTS[0]}])
+    prompt_len = len(engine.apply_chat_template([{"role": "user", "content": PROMPTS[0]}]))
+    peak = matmul_peak_gflop_s(engine.runner.dtype)
+    bandwidth = memory_read_gb_s()
     # Warm up both paths so first-call costs are not measured.
-    raw_decode_tok_s(engine.model, prompt_ids, 1, 4)
+    raw_decode_tok_s(engine, prompt_len, 1, 4)
     await engine_run(engine, 2, 8)
-    results = []
+    results, profiles = [], []
     for batch in args.batch:
-        raw = raw_decode_tok_s(engine.model, prompt_ids, batch, args.max_tokens)
+        raw = raw_decode_tok_s(engine, prompt_len, batch, args.max_tokens)
         served = await engine_run(engine, batch, args.max_tokens)
         stats = engine.stats()
+        context = prompt_len + args.max_tokens // 2  # the mean length attended over during decode
         results.append({
             "batch": batch,
             "raw_decode_tok_s": round(raw, 1),
@@ -105,19 +168,37 @@ async def run(args) -> dict:
             "ratio": round(served["engine_tok_s"] / raw, 3),
             "decode_ratio": round(served["engine_decode_tok_s"] / raw, 3) if served["engine_decode_tok_s"] else None,
             "engine_steps_total": stats.steps,
+            "roofline_raw": roofline(engine, batch, raw, context, peak, bandwidth),
+            "roofline_engine_decode": (roofline(engine, batch, served["engine_decode_tok_s"], context, peak, bandwidth)
+                                       if served["engine_decode_tok_s"] else None),
         })
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        if args.profile_out:
+            profiles.append(f"## batch {batch}: {args.max_tokens // 8} raw decode steps, context {prompt_len}\n\n"
+                            f"```\n{profile_forward(engine, prompt_len, batch, args.max_tokens // 8)}```\n")
     kv = engine.kv
     engine.shutdown()
+    if args.profile_out:
+        with open(args.profile_out, "w") as f:
+            f.write(f"# Where a decode step's time goes ({engine.dtype}, {torch.get_num_threads()} threads, "
+                    f"load average {os.getloadavg()[0]:.2f})\n\n" + "\n".join(profiles))
+    cold = coldstart.measure(args.model, args.dtype, args.threads, args.cold_start_repeats) if args.cold_start_repeats else None
     return {
         "benchmark": "engine",
         "model": args.model,
+        "dtype": engine.dtype,
+        "threads": torch.get_num_threads(),
         "max_tokens": args.max_tokens,
+        "prompt_tokens": prompt_len,
+        "limits": {"matmul_peak_gflop_s": round(peak, 1), "matmul_peak_dtype": engine.dtype,
+                   "memory_read_gb_s": round(bandwidth, 2)},
         "results": results,
         "kv": {"budget_tokens": config.kv_budget_tokens, "bytes_per_token": kv.bytes_per_token,
                "budget_mb": round(config.kv_budget_tokens * kv.bytes_per_token / 2**20, 1)},
         "load_seconds": round(engine.load_seconds, 3),
+        "cold_start": cold,
         "peak_rss_mb": peak_rss_mb(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "machine": describe_machine(),
     }
 
@@ -128,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int_list, default=[1, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--profile-out", help="write torch.profiler's top operators per batch size here (markdown)")
+    parser.add_argument("--cold-start-repeats", type=int, default=3,
+                        help="fresh processes timed from exec to ready (benchmarks/coldstart.py); 0: skip")
     parser.add_argument("--kv-budget-tokens", type=int, default=32768)
     return run_cli(parser, run, argv)
 

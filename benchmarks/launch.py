@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from serve_app.ingress.keys import FileKeyStore, new_key
+
 BIN = Path(sys.executable).parent
 
 
@@ -45,15 +47,26 @@ class LaunchedApp:
     dashboard_url: str
     config: str
     temp_dir: str
+    api_key: str  # the benchmark's own key to the launched app
 
 
-def write_config(config_path: str, http_port: int, out_dir: str) -> str:
-    """A copy of the Serve config with the HTTP proxy on ``127.0.0.1:http_port``."""
+def write_config(config_path: str, http_port: int, out_dir: str) -> tuple[str, str]:
+    """A copy of the Serve config with the HTTP proxy on ``127.0.0.1:http_port`` and a keys file of
+    its own holding one key for the benchmark, whose quota is the machine's, not a client's (the
+    load generator is one identity; ``args.limits`` would cap it like any single client). Returns
+    (config path, the key)."""
     config = yaml.safe_load(Path(config_path).read_text())
     config["http_options"] = {**(config.get("http_options") or {}), "host": "127.0.0.1", "port": http_port}
+    key, record = new_key("benchmark", admin=True, name="benchmarks --launch", requests_per_min=10**6,
+                          tokens_per_min=10**9, max_concurrent_replies=10**4)
+    keys_file = Path(out_dir) / "keys.json"
+    FileKeyStore(keys_file).write(record)
+    for app in config["applications"]:
+        app["args"] = {**(app.get("args") or {})}
+        app["args"]["auth"] = {**app["args"].get("auth", {}), "keys_file": str(keys_file)}
     out = Path(out_dir) / "serve_config.yaml"
     out.write_text(yaml.safe_dump(config, sort_keys=False))
-    return str(out)
+    return str(out), key
 
 
 def wait_until(check, timeout_s: float, what: str, process: subprocess.Popen | None = None) -> None:
@@ -86,8 +99,9 @@ def launch_app(config_path: str, num_cpus: int | None = None, ready_timeout_s: f
         cmd += ["--num-cpus", str(num_cpus)]
     head = subprocess.Popen(cmd, env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
     dashboard_url = f"http://127.0.0.1:{dashboard}"
-    app = LaunchedApp(url=f"http://127.0.0.1:{http}", dashboard_url=dashboard_url,
-                      config=write_config(config_path, http, temp_dir), temp_dir=temp_dir)
+    config, api_key = write_config(config_path, http, temp_dir)
+    app = LaunchedApp(url=f"http://127.0.0.1:{http}", dashboard_url=dashboard_url, config=config, temp_dir=temp_dir,
+                      api_key=api_key)
     try:
         log(f"launch: Ray head (pid {head.pid}, dashboard {dashboard_url}), deploying {config_path}")
         wait_until(lambda: httpx.get(dashboard_url + "/api/version", timeout=2).status_code == 200, 120,

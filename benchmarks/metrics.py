@@ -44,6 +44,7 @@ class RequestRecord:
     turn: int | None = None
     replica: str | None = None  # sessions API: the model replica that served the turn, when the server says
     history_turns_dropped: int | None = None  # sessions API: old turns left out of this turn's prompt
+    response_id: str | None = None  # Responses API: the response this request created
 
     @property
     def ok(self) -> bool:

@@ -13,7 +13,7 @@ PY=${PY:-.venv/bin/python}
 CONFIG=${CONFIG:-serve_config.yaml}
 OUT=${OUT:-benchmarks/results}
 SLO=${SLO:-ttft_ms=2000,tpot_ms=250}   # goodput: first token within 2 s, then >= 4 tokens/s per stream
-ONLY=${ONLY:-"steady step multiturn baseline"}
+ONLY=${ONLY:-"steady step multiturn responses baseline"}
 bench() { "$PY" -m benchmarks serve --out "$OUT" --slo "$SLO" "$@"; }
 wanted() { [[ " $ONLY " == *" $1 "* ]]; }
 
@@ -34,6 +34,11 @@ wanted multiturn && bench --launch "$CONFIG" --sample-interval-s 5 --profile mul
 # The same with one conversation: the cost of the history alone, without other conversations' steps.
 wanted multiturn && bench --launch "$CONFIG" --sample-interval-s 5 --profile multiturn --turns 8 --conversations 1 \
     --user-tokens 90 --max-tokens 96 --think-time-s 1 --name multiturn_single
+
+# The same single conversation through OpenAI's Responses API: each turn names the previous response
+# (previous_response_id), the server keeps the history and the append-only prompt hits the prefix cache.
+wanted responses && bench --launch "$CONFIG" --sample-interval-s 5 --profile multiturn --api responses --turns 8 \
+    --conversations 1 --user-tokens 90 --max-tokens 96 --think-time-s 1 --name multiturn_responses
 
 # The baseline (one transformers generate per request, no batching) at 1 and 8 streams, side by side.
 if wanted baseline; then

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .client import Clock, chat_completion, create_session, error_kind, session_turn
+from .client import Clock, chat_completion, create_session, error_kind, response_turn, session_turn
 from .metrics import RequestRecord
 from .profiles import ConcurrencySchedule, conversation_messages
 
@@ -96,7 +96,9 @@ async def run_open_loop(http: httpx.AsyncClient, clock: Clock, work: ChatWorkloa
 
 @dataclass(frozen=True)
 class ConversationPlan:
-    """Multi-turn load: ``conversations`` sessions in parallel, ``turns`` turns each."""
+    """Multi-turn load: ``conversations`` conversations in parallel, ``turns`` turns each, through the
+    sessions API (``api="sessions"``) or a ``previous_response_id`` chain of the Responses API
+    (``api="responses"``, which needs the ``model``)."""
 
     conversations: int
     turns: int
@@ -105,33 +107,44 @@ class ConversationPlan:
     think_time_s: float
     seed: int = 0
     system_prompt: str | None = None
+    api: str = "sessions"
+    model: str | None = None
 
 
 async def run_conversations(http: httpx.AsyncClient, clock: Clock, plan: ConversationPlan, reuse: bool, phase: str,
                             tag: str, on_done: OnDone) -> list[RequestRecord]:
-    """Each conversation: create a session, then send its turns one after another, pausing
-    ``think_time_s`` between a reply's end and the next message. Conversations start staggered over
-    one think time. A failed turn ends its conversation (the server saved nothing for it, so later
-    turns would not have the history this benchmark means to measure)."""
+    """Each conversation: create a session (sessions API), then send its turns one after another,
+    pausing ``think_time_s`` between a reply's end and the next message; with the Responses API each
+    turn names the previous response instead. Conversations start staggered over one think time. A
+    failed turn ends its conversation (the server saved nothing for it, so later turns would not have
+    the history this benchmark means to measure)."""
     records: list[RequestRecord] = []
 
     async def conversation(c: int) -> None:
         await asyncio.sleep(plan.think_time_s * c / plan.conversations)
-        try:
-            session_id = await create_session(http, plan.system_prompt, title=f"benchmark {tag} {c}")
-        except Exception as exc:  # noqa: BLE001 - counted like a failed request
-            failed = RequestRecord(start_s=clock.now(), end_s=clock.now(), error=f"session_{error_kind(exc)}",
-                                   phase=phase, conversation=c, turn=0)
-            records.append(failed)
-            on_done(failed)
-            return
+        session_id = None
+        if plan.api == "sessions":
+            try:
+                session_id = await create_session(http, plan.system_prompt, title=f"benchmark {tag} {c}")
+            except Exception as exc:  # noqa: BLE001 - counted like a failed request
+                failed = RequestRecord(start_s=clock.now(), end_s=clock.now(), error=f"session_{error_kind(exc)}",
+                                       phase=phase, conversation=c, turn=0)
+                records.append(failed)
+                on_done(failed)
+                return
         # A random opening keeps this conversation's cache entries its own (none shared with the other
         # mode's replay or an earlier run) beyond the system prompt.
         opening = f"{uuid.uuid4().hex[:8]} {tag} {c}"
         messages = conversation_messages(c, plan.turns, plan.user_tokens, plan.seed, tag=opening)
+        previous = None
         for turn, content in enumerate(messages):
-            record = await session_turn(http, clock, session_id, content, plan.reply_tokens, cache_prompt=reuse,
-                                        seed=plan.seed)
+            if plan.api == "responses":
+                record = await response_turn(http, clock, plan.model, content, plan.reply_tokens, previous,
+                                             instructions=plan.system_prompt, cache_prompt=reuse, seed=plan.seed)
+                previous = record.response_id
+            else:
+                record = await session_turn(http, clock, session_id, content, plan.reply_tokens, cache_prompt=reuse,
+                                            seed=plan.seed)
             record.phase, record.conversation, record.turn = phase, c, turn
             records.append(record)
             on_done(record)
@@ -140,7 +153,8 @@ async def run_conversations(http: httpx.AsyncClient, clock: Clock, plan: Convers
             if turn + 1 < plan.turns:
                 await asyncio.sleep(plan.think_time_s)
         try:
-            await http.delete(f"/v1/sessions/{session_id}")
+            if session_id is not None:
+                await http.delete(f"/v1/sessions/{session_id}")
         except httpx.HTTPError:
             pass
 

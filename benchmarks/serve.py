@@ -3,10 +3,12 @@
     python -m benchmarks serve --url http://127.0.0.1:8000 --profile concurrency --concurrency 1,8,32
     python -m benchmarks serve --launch serve_config.yaml --profile step --stages 1:30,32:90,1:90 --out DIR
     python -m benchmarks serve --launch serve_config.yaml --profile multiturn --turns 8 --json out.json
+    python -m benchmarks serve --launch serve_config.yaml --profile multiturn --api responses --out DIR
 
 Profiles (``profiles.py``): ``concurrency`` (closed loop, one phase per level), ``poisson`` (open
 loop, one phase per rate), ``step`` (closed loop whose stream count changes by stage, one phase),
-``multiturn`` (sessions API conversations, one phase with prefix reuse on and one with it off).
+``multiturn`` (conversations through the sessions API, or ``--api responses``: chains of
+``previous_response_id``; one phase with prefix reuse on and one with it off).
 Metrics (``metrics.py``) follow vLLM's definitions, token counts come from the server's ``usage``.
 With ``--launch`` (or ``--ray-dashboard`` for an app already running) Serve's replicas and queues are
 sampled on the same clock (``serve_status.py``). Outputs (``report.py``): ``--out DIR`` gets
@@ -136,7 +138,8 @@ async def run_profile(args, http, clock: Clock, model: str, slo: Slo, progress: 
                             duration_s=args.duration_s)
     else:
         plan = ConversationPlan(conversations=args.conversations, turns=args.turns, user_tokens=args.user_tokens,
-                                reply_tokens=args.max_tokens, think_time_s=args.think_time_s, seed=args.seed)
+                                reply_tokens=args.max_tokens, think_time_s=args.think_time_s, seed=args.seed,
+                                api=args.api, model=model)
         modes = REUSE_MODES[args.reuse]
         for mode in modes:
             await one_phase(mode, lambda m=mode: run_conversations(
@@ -201,13 +204,14 @@ async def measure(args, url: str, status_source=None, launched_config: str | Non
 
 def settings_of(args) -> dict:
     keys = {"concurrency": ["concurrency", "duration_s"], "step": ["stages"], "poisson": ["rate_rps", "duration_s", "seed"],
-            "multiturn": ["conversations", "turns", "user_tokens", "think_time_s", "reuse", "seed"]}[args.profile]
+            "multiturn": ["conversations", "turns", "user_tokens", "think_time_s", "reuse", "seed", "api"]}[args.profile]
     return {k: getattr(args, k) for k in ["max_tokens", "ignore_eos", *keys]}
 
 
 async def run(args) -> dict:
     if args.launch:
         with launch_app(args.launch, num_cpus=args.num_cpus, log=lambda m: console.print(m, style="dim")) as app:
+            args.api_key = args.api_key or app.api_key
             return await measure(args, app.url, DashboardStatus(app.dashboard_url), args.launch)
     return await measure(args, args.url, DashboardStatus(args.ray_dashboard) if args.ray_dashboard else None)
 
@@ -240,6 +244,8 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument("--conversations", type=int, default=4, help="multiturn: conversations in parallel")
     load.add_argument("--user-tokens", type=int, default=90, help="multiturn: tokens per user message (about)")
     load.add_argument("--think-time-s", type=float, default=1.0, help="multiturn: pause between turns")
+    load.add_argument("--api", choices=("sessions", "responses"), default="sessions",
+                      help="multiturn: the sessions API, or the Responses API chaining previous_response_id")
     load.add_argument("--reuse", choices=REUSE_MODES, default="both",
                       help="multiturn: prefix-KV reuse on, off (cache_prompt=false) or both, one after the other")
 

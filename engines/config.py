@@ -15,29 +15,41 @@ class EngineConfig:
     model: str
     engine: str = "torch"
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32
     max_running_seqs: int = 32
-    max_seq_len: int = 2048
+    max_seq_len: int | None = None  # None: the model's own context length, bounded by kv_budget_tokens
     kv_budget_tokens: int = 32768
-    max_waiting_seqs: int = 256
+    max_waiting_seqs: int = 32  # beyond it: EngineOverloadedError at once (503), not a queue behind busy rows
     default_max_tokens: int = 512
     num_threads: int | None = None
-    prefix_cache_tokens: int = 0
+    prefix_cache_tokens: int = 8192
+    max_batched_tokens: int = 512  # tokens in one forward (decodes + prompt chunks): bounds a step's time
+    max_queue_wait_s: float = 10.0  # a request not given a row by then gets EngineOverloadedError (503)
 
     def __post_init__(self) -> None:
-        for name in ("max_running_seqs", "max_seq_len", "kv_budget_tokens", "max_waiting_seqs", "default_max_tokens"):
+        for name in ("max_running_seqs", "max_seq_len", "kv_budget_tokens", "max_waiting_seqs", "default_max_tokens",
+                     "max_batched_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if (value is not None or name != "max_seq_len") and (not isinstance(value, int) or value < 1):
                 raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}", name)
-        if self.kv_budget_tokens < self.max_seq_len:
+        if self.max_seq_len is not None and self.kv_budget_tokens < self.max_seq_len:
             raise InvalidRequestError(
                 f"kv_budget_tokens ({self.kv_budget_tokens}) must hold at least one full sequence "
                 f"(max_seq_len={self.max_seq_len})",
                 "kv_budget_tokens",
             )
+        if not self.max_queue_wait_s > 0:
+            raise InvalidRequestError(f"max_queue_wait_s must be positive, got {self.max_queue_wait_s!r}",
+                                      "max_queue_wait_s")
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidRequestError("num_threads must be >= 1", "num_threads")
         if self.prefix_cache_tokens < 0:
             raise InvalidRequestError("prefix_cache_tokens must be >= 0", "prefix_cache_tokens")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise InvalidRequestError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}", "dtype")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidRequestError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}", "dtype")
+
+    def resolve_max_seq_len(self, model_context_tokens: int | None) -> int:
+        """The longest sequence (prompt + output) served: ``max_seq_len`` when set, else the model's
+        own context length (``max_position_embeddings``); never more than the model's context nor
+        than ``kv_budget_tokens``, so one sequence always fits the KV budget."""
+        return min(n for n in (self.max_seq_len, model_context_tokens, self.kv_budget_tokens) if n)

@@ -8,7 +8,8 @@ from the iterator (or from ``generate`` itself for requests that are invalid bef
 
 - :class:`InvalidRequestError` (a ``ValueError``): the request can never succeed as sent
   (bad sampling value, prompt too long). Nothing was computed.
-- :class:`EngineOverloadedError`: the waiting queue is full; retry later.
+- :class:`EngineOverloadedError`: the waiting queue is full, or a request waited in it longer than
+  the engine's queue time bound; retry later.
 - :class:`EngineDeadError`: the engine loop crashed; the replica should be replaced.
 """
 
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+MAX_SEED = 2**63 - 1
+GREEDY_BELOW = 1e-5  # logits / temperature must stay finite in float32
 
 
 class EngineError(Exception):
@@ -44,7 +47,8 @@ class EngineDeadError(EngineError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` means greedy (``top_p`` and ``seed`` are then unused)."""
+    """How to pick tokens. A temperature of 0 (or below ``GREEDY_BELOW``, where dividing logits by
+    it would overflow) means greedy; ``top_p`` and ``seed`` are then unused."""
 
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -67,8 +71,8 @@ class SamplingParams:
             raise InvalidRequestError(f"temperature must be in [0, 2], got {self.temperature!r}", "temperature")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise InvalidRequestError(f"seed must be a non-negative integer, got {self.seed!r}", "seed")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidRequestError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}", "seed")
         if len(self.stop) > 8:
             raise InvalidRequestError("at most 8 stop strings are allowed", "stop")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -76,7 +80,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,16 @@ class Delta:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None
+    # With ``error``, what failed: the engine (``dead``: EngineDeadError), the wait for a place
+    # (``overloaded``: EngineOverloadedError), or this sequence alone (``failed``: EngineError).
+    error_kind: Literal["dead", "overloaded", "failed"] | None = None
     served_by: str | None = None  # set by the serving layer on the last delta: the replica's id
+
+    def then(self, later: Delta) -> Delta:
+        """One delta carrying this one and ``later`` (which may be the final one)."""
+        return Delta(self.request_id, self.text + later.text, self.token_ids + later.token_ids,
+                     finish_reason=later.finish_reason, usage=later.usage, error=later.error,
+                     error_kind=later.error_kind, served_by=later.served_by)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import httpx
 import pytest
 import yaml
 
+from serve_app.ingress.keys import FileKeyStore, new_key
+
 from .local_cluster import LocalCluster, free_port
 
 pytestmark = pytest.mark.cluster
@@ -22,12 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
 
 
-def cluster_config(http_port: int) -> dict:
-    """serve_config.yaml, with the model replica pinned to ``model_node`` nodes and sized for this machine."""
+def cluster_config(http_port: int, keys_file: Path) -> dict:
+    """serve_config.yaml, with the model replica pinned to ``model_node`` nodes and sized for this
+    machine, and the keys file the test's key is in (every node is this machine, so they all read it)."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["proxy_location"] = "HeadOnly"  # one proxy: all nodes share this machine's ports
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
     app = config["applications"][0]
+    app["args"]["auth"] = {"keys_file": str(keys_file)}
     app["args"]["model"].update(num_threads=1, max_seq_len=512, kv_budget_tokens=4096, default_max_tokens=8)
     for deployment in app["deployments"]:
         if deployment["name"] == "ModelServer":
@@ -44,9 +48,10 @@ def cluster_config(http_port: int) -> dict:
 class LightLoad(threading.Thread):
     """One short request at a time, recording (time, ok) for each."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, headers: dict):
         super().__init__(daemon=True)
         self.base_url = base_url
+        self.headers = headers
         self.results: list[tuple[float, bool]] = []
         self.stopping = threading.Event()
 
@@ -54,7 +59,8 @@ class LightLoad(threading.Thread):
         body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
         while not self.stopping.is_set():
             try:
-                ok = httpx.post(self.base_url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+                ok = httpx.post(self.base_url + "/v1/chat/completions", json=body, headers=self.headers,
+                                timeout=30).status_code == 200
             except httpx.HTTPError:
                 ok = False
             self.results.append((time.monotonic(), ok))
@@ -71,16 +77,16 @@ def wait_until(probe, timeout_s: float, what: str):
     raise AssertionError(f"{what}: not within {timeout_s} s")
 
 
-def ops_state(base_url: str) -> dict | None:
+def ops_state(base_url: str, headers: dict) -> dict | None:
     try:
-        r = httpx.get(base_url + "/ops/state", timeout=10)
+        r = httpx.get(base_url + "/ops/state", headers=headers, timeout=10)
         return r.json() if r.status_code == 200 else None
     except httpx.HTTPError:
         return None
 
 
-def model_nodes(base_url: str) -> set[str]:
-    state = ops_state(base_url)
+def model_nodes(base_url: str, headers: dict) -> set[str]:
+    state = ops_state(base_url, headers)
     return {r["node_id"] for r in state["model_replicas"]} if state else set()
 
 
@@ -96,8 +102,11 @@ def test_model_replica_moves_to_another_node_when_its_node_dies(tmp_path, artifa
 
         http_port = free_port()
         base_url = f"http://127.0.0.1:{http_port}"
+        key, record = new_key("cluster-test", admin=True)  # admin: the test reads /ops/state
+        FileKeyStore(tmp_path / "keys.json").write(record)
+        auth = {"Authorization": f"Bearer {key}"}
         config_path = tmp_path / "serve_config.yaml"
-        config_path.write_text(yaml.safe_dump(cluster_config(http_port)))
+        config_path.write_text(yaml.safe_dump(cluster_config(http_port, tmp_path / "keys.json")))
         deployed = cluster.serve("deploy", str(config_path))
         assert deployed.returncode == 0, deployed.stderr
         try:
@@ -105,18 +114,18 @@ def test_model_replica_moves_to_another_node_when_its_node_dies(tmp_path, artifa
         except AssertionError as exc:
             raise AssertionError(f"{exc}; serve status:\n{cluster.serve('status').stdout}") from None
         timings["deployed_s"] = time.monotonic() - started
-        assert wait_until(lambda: model_nodes(base_url), 30, "model replica reports") == {node_a}
+        assert wait_until(lambda: model_nodes(base_url, auth), 30, "model replica reports") == {node_a}
 
         cluster.start_node("b", num_cpus=1, resources={"model_node": 1})
         node_b = cluster.node_id_with("model_node", cluster.wait_for_nodes(3), exclude={node_a})
 
-        load = LightLoad(base_url)
+        load = LightLoad(base_url, auth)
         load.start()
         wait_until(lambda: sum(ok for _, ok in load.results) >= 3, 60, "requests served before the failure")
         killed_at = time.monotonic()
         cluster.nodes[1].kill()  # node A, with the model replica on it
 
-        wait_until(lambda: model_nodes(base_url) == {node_b}, 180, "model replica reporting from node B")
+        wait_until(lambda: model_nodes(base_url, auth) == {node_b}, 180, "model replica reporting from node B")
         timings["replica_moved_s"] = time.monotonic() - killed_at
         wait_until(lambda: [ok for t, ok in load.results if t > killed_at + timings["replica_moved_s"]][-3:] == [True] * 3,
                    60, "three requests in a row succeed after the move")
@@ -125,7 +134,7 @@ def test_model_replica_moves_to_another_node_when_its_node_dies(tmp_path, artifa
         load.join(timeout=40)
 
         after = [ok for t, ok in load.results if t > killed_at]
-        state = ops_state(base_url)
+        state = ops_state(base_url, auth)
         events = [(e["kind"], e.get("node_id")) for e in state["events"]]
         assert ("replica_gone", node_a) in events and ("replica_up", node_b) in events
         alive = {n["node_id"] for n in cluster.alive_nodes()}

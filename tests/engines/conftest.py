@@ -7,7 +7,8 @@ from engines.registry import create_engine
 
 @pytest.fixture(scope="session")
 def engine(artifact_dir):
-    eng = create_engine(EngineConfig(model=artifact_dir, num_threads=2, prefix_cache_tokens=0))
+    """float32: the dtype whose greedy output must equal transformers' token for token."""
+    eng = create_engine(EngineConfig(model=artifact_dir, dtype="float32", num_threads=2, prefix_cache_tokens=0))
     eng.start()
     yield eng
     eng.shutdown()
@@ -16,4 +17,18 @@ def engine(artifact_dir):
 @pytest.fixture(scope="session")
 def hf(artifact_dir):
     model, tokenizer, _ = load_model(artifact_dir)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def engine_bf16(artifact_dir):
+    eng = create_engine(EngineConfig(model=artifact_dir, dtype="bfloat16", num_threads=2, prefix_cache_tokens=0))
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def hf_bf16(artifact_dir):
+    model, tokenizer, _ = load_model(artifact_dir, dtype="bfloat16")
     return model, tokenizer

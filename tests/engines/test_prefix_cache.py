@@ -12,7 +12,7 @@ from .helpers import collect
 
 @pytest.fixture(scope="module")
 def reuse_engine(artifact_dir):
-    eng = create_engine(EngineConfig(model=artifact_dir, num_threads=2, prefix_cache_tokens=4096))
+    eng = create_engine(EngineConfig(model=artifact_dir, dtype="float32", num_threads=2, prefix_cache_tokens=4096))
     eng.start()
     yield eng
     eng.shutdown()

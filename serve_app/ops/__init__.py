@@ -1,0 +1,5 @@
+"""The ``OpsCollector`` deployment: the operator's view behind ``/ops``."""
+
+from .deployment import OpsCollector
+
+__all__ = ["OpsCollector"]
