@@ -15,7 +15,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .gpu import NoGpuError
+
+        raise NoGpuError(f"device {name!r} needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    return device
 
 
 def cpu_has_native_bf16() -> bool:

@@ -10,6 +10,11 @@ finite values that attention masks out (it may read them with weight 0, so they 
 Memory is allocated lazily: the tensors grow (rows and capacity) as sequences are admitted and are
 released when nothing runs. The scheduler's admission checks ``rows * capacity`` against the budget
 before anything grows; growth never allocates past the budget.
+
+Fixed mode (``allocate_fixed``; GPU replicas, ``decode_mode: static``): the tensors are allocated once
+at start for ``rows`` full sequences of ``capacity`` positions and never reallocated nor released
+until shutdown — CUDA graphs captured over them keep their addresses. ``reserve`` is then a no-op
+(admission already keeps within the rows) and ``release`` keeps the memory.
 """
 
 from __future__ import annotations
@@ -36,12 +41,24 @@ class KVCache:
         self.device = device
         self.max_rows = max_rows
         self.max_capacity = max_capacity
+        self.fixed = False
         self.release()
 
     # -- sizing -----------------------------------------------------------------------------
     def capacity_for(self, length: int) -> int:
         """The capacity the cache allocates to hold sequences of up to ``length`` positions."""
+        if self.fixed:
+            return self.capacity
         return aligned(length, CAPACITY_ALIGN, self.max_capacity)
+
+    def allocate_fixed(self, rows: int, capacity: int) -> None:
+        """Allocate ``rows`` rows of ``capacity`` positions once, for good (see the module docstring)."""
+        self.fixed = False
+        self.release()
+        self.max_rows = rows
+        self.max_capacity = capacity
+        self.reserve(rows, capacity, 0, rows * capacity)
+        self.fixed = True
 
     @property
     def allocated_tokens(self) -> int:
@@ -59,6 +76,11 @@ class KVCache:
         """Make room for ``rows`` rows of ``length`` positions, keeping the first ``used_len``
         positions of rows ``0..rows-1``. Rows grow by doubling (within ``budget_tokens``) so most
         admissions copy nothing; capacity shrinks when it is over twice the need."""
+        if self.fixed:
+            if rows > self.rows or length > self.capacity:
+                raise RuntimeError(f"fixed KV cache of {self.rows} rows x {self.capacity} positions cannot hold "
+                                   f"{rows} rows of {length}")
+            return
         cap = self.capacity_for(length)
         new_cap = cap if (cap > self.capacity or self.capacity > 2 * cap) else self.capacity
         row_limit = max(rows, min(self.max_rows, budget_tokens // new_cap))
@@ -78,7 +100,11 @@ class KVCache:
         self.keys, self.values = list(fresh_k.unbind(0)), list(fresh_v.unbind(0))
         self.rows, self.capacity = new_rows, new_cap
 
-    def release(self) -> None:
+    def release(self, force: bool = False) -> None:
+        """Free the tensors (a fixed cache only with ``force``, at shutdown)."""
+        if self.fixed and not force:
+            return
+        self.fixed = False
         self._k = self._v = None
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []

@@ -6,6 +6,10 @@ over all of them (decodes and prompt chunks together) and samples one token for 
 needs one. Weights are loaded from the artifact's safetensors (a GGUF file or hub id goes through
 transformers first, slowly); the model classes are ``engines/models``; attention and KV writes are the
 backend's (``engines/attention``).
+
+With ``setup_static`` (``decode_mode: static``, the default on CUDA) the KV cache is allocated once
+and decode-only steps go through :class:`engines.static_decode.StaticDecoder` — fixed shapes, CUDA
+graphs on a GPU; steps with prompt chunks still take the flat path above.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .models import ModelSpec, model_spec
 from .models.llama import LlamaModel
 from .sampling import sample_next_tokens
 from .scheduler import ScheduledBatch
+from .static_decode import KVPlan, StaticDecoder, batch_buckets, plan_kv
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +73,47 @@ class ModelRunner:
                           max_rows, self.max_seq_len)
         self.attention = create_attention_backend(attention, self.kv, self.spec.num_heads, self.spec.head_dim)
         self.banned_if_ignore_eos: torch.Tensor | None = None  # set by the engine once the tokenizer is known
+        self.static: StaticDecoder | None = None
+        self.kv_plan: KVPlan | None = None
+        self.graph_report: dict | None = None
+
+    def setup_static(self, max_running_seqs: int, kv_budget_tokens: int, gpu_memory_fraction: float,
+                     batch_sizes: tuple[int, ...], capture: bool) -> KVPlan:
+        """Preallocate the KV cache for good and prepare fixed-shape decode (``capture``: CUDA graphs)."""
+        plan = plan_kv(self.max_seq_len, self.kv.bytes_per_token, max_running_seqs, kv_budget_tokens, self.device,
+                       gpu_memory_fraction)
+        self.kv.allocate_fixed(plan.rows, plan.capacity)
+        self.kv_plan = plan
+        buckets = batch_buckets(batch_sizes, plan.rows)
+        self.static = StaticDecoder(self.model, self.kv, self.spec.num_heads, self.spec.head_dim, buckets) \
+            if buckets else None
+        if capture and self.static is not None:
+            self.graph_report = self.static.capture()
+        free = f", {plan.free_bytes / 2**30:.2f} GiB GPU memory free after weights x {gpu_memory_fraction:g}" \
+            if plan.free_bytes is not None else ""
+        logger.info("static KV cache: %d rows x %d positions = %d tokens, %.3f GiB (budget %d tokens: kv_budget_tokens "
+                    "%d%s); decode buckets %s; %s", plan.rows, plan.capacity, plan.rows * plan.capacity,
+                    plan.bytes / 2**30, plan.budget_tokens, kv_budget_tokens, free, list(buckets) or "none (eager)",
+                    f"{self.graph_report['graphs']} CUDA graphs captured in {self.graph_report['capture_s']:.2f}s"
+                    if self.graph_report else "no CUDA graphs")
+        if plan.rows < max_running_seqs:
+            logger.warning("the KV cache holds %d full sequences of max_seq_len=%d: max_running_seqs %d is lowered to "
+                           "%d (raise kv_budget_tokens or gpu_memory_fraction, or lower max_seq_len)", plan.rows,
+                           plan.capacity, max_running_seqs, plan.rows)
+        return plan
+
+    def release(self) -> None:
+        self.static = None
+        self.kv.release(force=True)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int]:
         """One forward over the batch; returns a token for each of ``batch.sampled``."""
+        static = self.static
+        if static is not None and not batch.prefill and batch.num_running == len(batch.decode) \
+                and len(batch.decode) <= static.max_batch:
+            logits = static.run([seq.last_token for seq in batch.decode], [seq.num_computed for seq in batch.decode])
+            return sample_next_tokens(logits, batch.sampled, self.banned_if_ignore_eos)
         ids: list[int] = [seq.last_token for seq in batch.decode]
         positions: list[int] = [seq.num_computed for seq in batch.decode]
         rows: list[int] = list(range(len(batch.decode)))

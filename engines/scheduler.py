@@ -76,6 +76,7 @@ class ScheduledBatch:
 
     decode: list[Sequence]  # rows 0..len(decode)-1, in row order
     prefill: list[tuple[Sequence, int]]  # (sequence, prompt tokens to read), rows in order after the decode rows
+    num_running: int = -1  # rows in use when scheduled (-1: unknown); == len(decode): every other row is free
 
     @property
     def num_tokens(self) -> int:
@@ -142,7 +143,7 @@ class Scheduler:
             prefill.append((seq, take))
             budget -= take
         self.counters["last_batch_size"] = len(decode)
-        return ScheduledBatch(decode, prefill)
+        return ScheduledBatch(decode, prefill, len(self.running))
 
     def _admit(self) -> None:
         """Move waiting sequences into rows while the row limit and the KV budget allow; those that

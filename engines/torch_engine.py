@@ -11,6 +11,12 @@ to drain; its prompt is read in chunks inside the same forward as the running de
 (``engines/scheduler.py``) owns admission, budgets and retirement; the model runner
 (``engines/model_runner.py``) owns weights, KV cache, attention and sampling.
 
+On CUDA (``decode_mode: auto`` or ``static``) the runner preallocates the KV cache from free GPU
+memory and captures decode steps as CUDA graphs at start (``engines/static_decode.py``); the
+scheduler's row limit and KV budget are then the cache's. An artifact prepared for a GPU by
+``python -m engines.build --device cuda`` is checked against the GPU present (``engines/gpu.py``)
+and its validated decode buckets are used.
+
 Outputs cross to the asyncio side in one ``loop.call_soon_threadsafe`` per step (the step's deltas
 for all requests together, one wake-up of the event loop instead of one per token), into one queue
 per request; ``generate`` is an async iterator over that queue and aborts the request if the caller
@@ -33,7 +39,7 @@ import torch
 
 from .artifacts import load_tokenizer, resolve_model
 from .chat_template import encode_chat
-from .config import EngineConfig
+from .config import DEFAULT_CUDA_GRAPH_BATCH_SIZES, EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .device import resolve_device, resolve_dtype
 from .model_runner import ModelRunner
@@ -72,6 +78,8 @@ class TorchEngine:
         self._steps = 0
         self._loop_error: BaseException | None = None
         self.load_seconds = 0.0
+        self.static_decode = False
+        self.capture_seconds = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -87,6 +95,14 @@ class TorchEngine:
                                   self.config.resolve_max_seq_len(None))
         self.load_seconds = time.perf_counter() - started
         self.max_seq_len = self.runner.max_seq_len
+        max_running, kv_budget = self.config.max_running_seqs, self.config.kv_budget_tokens
+        self.static_decode = self.config.decode_mode == "static" or (
+            self.config.decode_mode == "auto" and self.device.type == "cuda")
+        if self.static_decode:
+            plan = self.runner.setup_static(max_running, kv_budget, self.config.gpu_memory_fraction,
+                                            self._graph_batch_sizes(), capture=self.device.type == "cuda")
+            max_running, kv_budget = plan.rows, plan.rows * plan.capacity
+            self.capture_seconds = (self.runner.graph_report or {}).get("capture_s", 0.0)
         self.eos_ids = self._eos_token_ids()
         vocab = self.runner.spec.vocab_size  # a tokenizer may name ids the model has no logits for
         self.runner.banned_if_ignore_eos = torch.tensor(
@@ -94,14 +110,31 @@ class TorchEngine:
             dtype=torch.long, device=self.device)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_tokens)
         self.scheduler = Scheduler(self.runner.kv, self.prefix_cache, self.eos_ids,
-                                   max_running_seqs=self.config.max_running_seqs,
-                                   kv_budget_tokens=self.config.kv_budget_tokens,
+                                   max_running_seqs=max_running, kv_budget_tokens=kv_budget,
                                    max_batched_tokens=self.config.max_batched_tokens,
                                    max_queue_wait_s=self.config.max_queue_wait_s)
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
         logger.info("engine started: model=%s (%s) dtype=%s load=%.2fs threads=%d device=%s", self.config.model,
                     self.runner.spec.architecture, self.dtype, self.load_seconds, threads, self.device)
+
+    def _graph_batch_sizes(self) -> tuple[int, ...]:
+        """The configured decode buckets; on CUDA, an artifact prepared for this GPU is checked first and
+        its validated buckets are used unless the configuration names its own."""
+        sizes = self.config.cuda_graph_batch_sizes
+        gpu_section = (self.target.manifest or {}).get("gpu")
+        if self.device.type != "cuda" or not gpu_section:
+            return sizes
+        from .gpu import check_gpu_artifact, gpu_fingerprint
+
+        check_gpu_artifact(gpu_section, gpu_fingerprint(self.device), self.target.path,
+                           (self.target.manifest or {}).get("source"))
+        if gpu_section.get("dtype") not in (None, self.dtype):
+            logger.warning("artifact's GPU preparation was for %s, this replica runs %s: its buckets still apply",
+                           gpu_section.get("dtype"), self.dtype)
+        if sizes == DEFAULT_CUDA_GRAPH_BATCH_SIZES and gpu_section.get("cuda_graph_batch_sizes"):
+            return tuple(gpu_section["cuda_graph_batch_sizes"])
+        return sizes
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -111,7 +144,7 @@ class TorchEngine:
         if self.runner is not None:
             self.scheduler.fail_all("abort")
             self._flush_outbox()
-            self.runner.kv.release()
+            self.runner.release()
 
     def _eos_token_ids(self) -> set[int]:
         from transformers import GenerationConfig
@@ -242,7 +275,7 @@ class TorchEngine:
         kv = self.runner.kv
         return EngineStats(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting) + self._inbox.qsize(),
-            max_running=self.config.max_running_seqs, kv_budget_tokens=self.config.kv_budget_tokens,
+            max_running=self.scheduler.max_running_seqs, kv_budget_tokens=self.scheduler.kv_budget_tokens,
             kv_allocated_tokens=kv.allocated_tokens, kv_bytes=kv.allocated_bytes,
             steps=self._steps, tokens_generated=c["tokens_generated"], requests_finished=c["requests_finished"],
             requests_aborted=c["requests_aborted"], last_batch_size=c["last_batch_size"],

@@ -56,6 +56,15 @@ class ModelSettings(BaseModel):
                                       "how long a step takes while long prompts are read", ge=1)
     max_queue_wait_s: float = _engine("max_queue_wait_s", "A request not given a row within this long gets 503 "
                                       "with Retry-After", gt=0)
+    gpu_memory_fraction: float = _engine("gpu_memory_fraction", "CUDA: share of the GPU memory free after the "
+                                         "weights load that the KV cache may take (never more than "
+                                         "kv_budget_tokens)", gt=0, le=1)
+    cuda_graph_batch_sizes: tuple[int, ...] = _engine(
+        "cuda_graph_batch_sizes", "CUDA: decode batch sizes captured as CUDA graphs at start (a step of n rows runs "
+        "at the smallest >= n; capped at max_running_seqs); empty: no graphs")
+    decode_mode: Literal["auto", "dynamic", "static"] = _engine(
+        "decode_mode", "auto: static on CUDA (KV cache preallocated once, fixed-shape decode steps replayed as "
+        "CUDA graphs), dynamic on CPU (KV cache grown as needed); static on CPU runs the fixed-shape path eagerly")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump(exclude={"served_model_name"}))
@@ -200,6 +209,8 @@ def describe(model: type[BaseModel] = AppSettings, indent: str = "") -> list[str
             lines += [f"{indent}{name}:", *describe(annotation, indent + "  ")]
             continue
         default = field.get_default(call_default_factory=True)
+        if isinstance(default, tuple):
+            default = list(default)  # YAML has no tuple syntax
         value = "null" if default is None else str(default).lower() if isinstance(default, bool) else repr(default)
         lines.append(f"{indent}{name}: {value}" + (f"  # {field.description}" if field.description else ""))
     return lines
