@@ -3,8 +3,22 @@
     python -m engines.build                       # the default model (SmolLM2-135M-Instruct GGUF)
     python -m engines.build --source model.gguf --out artifacts/my-model
     python -m engines.build --source HuggingFaceTB/SmolLM2-360M-Instruct --out artifacts/smollm2-360m
+    python -m engines.build --device cuda         # also prepare it for the GPU of this machine
 
 An up-to-date artifact (same source hash and dtype) is left alone unless ``--force`` is given.
+
+How this works with ``--device cuda``. After the (CPU) conversion, the artifact is loaded on the GPU
+as a replica would load it (``--gpu-dtype``, default bf16 where supported), its KV cache sized from the
+free GPU memory (``--gpu-memory-fraction``, ``--max-seq-len``, ``--max-running-seqs``,
+``--kv-budget-tokens``), and every decode bucket (``--cuda-graph-batch-sizes`` x the read-length
+buckets) captured as a CUDA graph, replayed against the same forward run eagerly (the build fails if
+any differs) and timed. ``manifest.json`` then records, under ``gpu``: the GPU's fingerprint (name,
+compute capability, driver, CUDA runtime, torch; ``engines/gpu.py``), the dtype, the validated
+buckets, the KV sizing and the capture figures. A replica on CUDA refuses the artifact if its GPU
+differs, and otherwise uses the recorded buckets. CUDA graphs themselves belong to one process and
+cannot be saved: a replica still captures at start (seconds, timed here as ``capture_s``); what the
+artifact carries is the checked plan, not the graphs. Without CUDA, ``--device cuda`` exits with
+status 2 and says so.
 """
 
 from __future__ import annotations
@@ -12,9 +26,59 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
-from .artifacts import DEFAULT_ARTIFACT_DIR, artifact_is_current, build_artifact, default_gguf_path
+from .artifacts import DEFAULT_ARTIFACT_DIR, MANIFEST, artifact_is_current, build_artifact, default_gguf_path
+from .config import DEFAULT_CUDA_GRAPH_BATCH_SIZES, EngineConfig
+
+NO_GPU_MESSAGE = ("--device cuda needs an NVIDIA GPU, and torch sees none (torch.cuda.is_available() is False); "
+                  "run it on the GPU machine that will serve, or build for CPU without --device")
+
+
+def prepare_gpu(out: Path, config: EngineConfig) -> dict:
+    """Load the artifact on CUDA, size the KV cache, capture and validate every decode bucket; record
+    the result as ``manifest["gpu"]`` and return it."""
+    import torch
+
+    from .artifacts import resolve_model
+    from .device import resolve_dtype
+    from .gpu import gpu_fingerprint
+    from .model_runner import ModelRunner
+
+    device = torch.device("cuda")
+    dtype = resolve_dtype(config.dtype, device)
+    started = time.perf_counter()
+    runner = ModelRunner(resolve_model(str(out)), dtype, device, config.max_running_seqs,
+                         config.resolve_max_seq_len(None))
+    load_s = time.perf_counter() - started
+    with torch.inference_mode():
+        plan = runner.setup_static(config.max_running_seqs, config.kv_budget_tokens, config.gpu_memory_fraction,
+                                   config.cuda_graph_batch_sizes, capture=True)
+        validation = runner.static.validate(runner.spec.vocab_size) if runner.static is not None else {}
+    tolerance = 1e-3 if dtype == "float32" else 5e-2
+    bad = {k: v for k, v in validation.items() if not v["max_abs_diff"] <= tolerance}
+    if bad:
+        raise RuntimeError(f"CUDA graph replay differs from the eager forward beyond {tolerance}: {bad}")
+    section = {
+        "fingerprint": gpu_fingerprint(device),
+        "dtype": dtype,
+        "cuda_graph_batch_sizes": list(runner.static.batch_sizes) if runner.static else [],
+        "length_buckets": list(runner.static.length_sizes) if runner.static else [],
+        "max_seq_len": runner.max_seq_len,
+        "kv": plan.as_dict(),
+        "capture": runner.graph_report,
+        "validation": validation,
+        "load_s": round(load_s, 3),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+        "build_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    runner.release()
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["gpu"] = section
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return section
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,16 +87,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=f"artifact directory (default: {DEFAULT_ARTIFACT_DIR})")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--force", action="store_true", help="rebuild even when the artifact is current")
+    gpu = parser.add_argument_group("GPU preparation (--device cuda)")
+    gpu.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="cuda: also prepare the artifact for this machine's GPU (see the module docstring)")
+    gpu.add_argument("--gpu-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gpu.add_argument("--max-seq-len", type=int, default=None)
+    gpu.add_argument("--max-running-seqs", type=int, default=EngineConfig.max_running_seqs)
+    gpu.add_argument("--kv-budget-tokens", type=int, default=EngineConfig.kv_budget_tokens)
+    gpu.add_argument("--gpu-memory-fraction", type=float, default=EngineConfig.gpu_memory_fraction)
+    gpu.add_argument("--cuda-graph-batch-sizes", default=",".join(map(str, DEFAULT_CUDA_GRAPH_BATCH_SIZES)),
+                     help="comma-separated; empty: none")
     args = parser.parse_args(argv)
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"error: {NO_GPU_MESSAGE}", file=sys.stderr)
+            return 2
     source = args.source or str(default_gguf_path())
     out = args.out or DEFAULT_ARTIFACT_DIR
     if not args.force and artifact_is_current(out, source, args.dtype):
         print(f"artifact up to date: {out}")
-        return 0
-    print(f"building artifact {out} from {source} ...", flush=True)
-    manifest = build_artifact(source, out, args.dtype)
-    print(json.dumps(manifest, indent=2))
+    else:
+        print(f"building artifact {out} from {source} ...", flush=True)
+        manifest = build_artifact(source, out, args.dtype)
+        print(json.dumps(manifest, indent=2))
+    if args.device == "cuda":
+        sizes = tuple(int(x) for x in args.cuda_graph_batch_sizes.split(",") if x.strip())
+        config = EngineConfig(model=str(out), device="cuda", dtype=args.gpu_dtype, max_seq_len=args.max_seq_len,
+                              max_running_seqs=args.max_running_seqs, kv_budget_tokens=args.kv_budget_tokens,
+                              gpu_memory_fraction=args.gpu_memory_fraction, cuda_graph_batch_sizes=sizes)
+        print(f"preparing {out} for this GPU ...", flush=True)
+        print(json.dumps({"gpu": prepare_gpu(out, config)}, indent=2))
     return 0
 
 

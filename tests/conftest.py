@@ -25,6 +25,20 @@ from .apps import (
     start_redis_server,
 )
 
+GPU_SKIP_REASON = "needs an NVIDIA GPU (torch.cuda.is_available() is False)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests run where torch sees a CUDA device and are skipped, with the reason, elsewhere."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=GPU_SKIP_REASON))
+
 
 @pytest.fixture(scope="session")
 def artifact_dir() -> str:

@@ -21,7 +21,7 @@ async def collect(engine, request):
 def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     model, tokenizer = hf
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+        out = model.generate(torch.tensor([prompt_ids], device=model.device), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id)
     return out[0, len(prompt_ids):].tolist()
 
@@ -42,7 +42,7 @@ def assert_same_or_near_tie(hf, prompt_ids, expected, got):
     assert pos is not None, f"one output is a prefix of the other: {len(expected)} vs {len(got)} tokens"
     model, _ = hf
     with torch.inference_mode():
-        logits = model(torch.tensor([prompt_ids + expected[:pos]])).logits[0, -1].float()
+        logits = model(torch.tensor([prompt_ids + expected[:pos]], device=model.device)).logits[0, -1].float()
     top2 = torch.topk(logits, 2).values
     gap = float(top2[0] - top2[1])
     tolerance = near_tie_tolerance(model, float(top2[0]))
