@@ -6,7 +6,9 @@ Each repeat spawns a new Python process that does what a model replica does befo
 (``serve_app``'s ModelServer): import the engine, start it from the artifact, run the same short
 warm-up generation. The wall time is taken from spawning the process to the line it prints once
 ready, so interpreter start and imports count. Load and warm-up as the child measured them are
-reported too.
+reported too. ``--device cuda``: the replica's start includes sizing the KV cache from free GPU
+memory and capturing the decode CUDA graphs (``capture_s``), with the artifact's GPU preparation
+checked first (``python -m engines.build --device cuda``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ async def warm_up():
 deltas = asyncio.run(warm_up())
 assert deltas[-1].usage.completion_tokens == 4
 print("READY " + json.dumps({"start_s": start_s, "load_s": engine.load_seconds,
-                             "warmup_s": time.perf_counter() - started - start_s, "dtype": engine.dtype}), flush=True)
+                             "warmup_s": time.perf_counter() - started - start_s, "dtype": engine.dtype,
+                             "device": str(engine.device), "capture_s": engine.capture_seconds}), flush=True)
 engine.shutdown()
 """
 
@@ -61,8 +64,8 @@ def cold_start(config: dict, timeout_s: float = 120.0) -> dict:
         child.wait(timeout_s)
 
 
-def measure(model: str, dtype: str, threads: int | None, repeats: int) -> dict:
-    config = {"model": model, "dtype": dtype, "num_threads": threads}
+def measure(model: str, dtype: str, threads: int | None, repeats: int, device: str = "auto", **engine) -> dict:
+    config = {"model": model, "dtype": dtype, "num_threads": threads, "device": device, **engine}
     runs = []
     for _ in range(repeats):
         runs.append(cold_start(config))
@@ -76,9 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--max-seq-len", type=int, default=None, help="on CUDA: the static KV cache's row length")
+    parser.add_argument("--kv-budget-tokens", type=int, default=None)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-    emit_report({"benchmark": "coldstart", **measure(args.model, args.dtype, args.threads, args.repeats)}, args.json)
+    engine = {k: v for k, v in (("max_seq_len", args.max_seq_len), ("kv_budget_tokens", args.kv_budget_tokens))
+              if v is not None}
+    emit_report({"benchmark": "coldstart", **measure(args.model, args.dtype, args.threads, args.repeats, args.device,
+                                                     **engine)}, args.json)
     return 0
 
 
