@@ -270,6 +270,10 @@ class TrtLlmEngine:
         self.engine_dir = engine_dir
         self.tokenizer = load_tokenizer(self.config.model)
         self.max_seq_len = self.config.resolve_max_seq_len(recorded["settings"]["max_seq_len"])
+        if self.config.max_running_seqs > recorded["settings"]["max_batch_size"]:
+            logger.warning("max_running_seqs=%d exceeds the engine's max_batch_size=%d: TensorRT-LLM queues the "
+                           "excess and stats() counts it as running; rebuild with --max-batch-size",
+                           self.config.max_running_seqs, recorded["settings"]["max_batch_size"])
         self.eos_ids = self._eos_token_ids(Path(resolve_model(self.config.model).path))
         self.end_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else min(self.eos_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
