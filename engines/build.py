@@ -4,6 +4,7 @@
     python -m engines.build --source model.gguf --out artifacts/my-model
     python -m engines.build --source HuggingFaceTB/SmolLM2-360M-Instruct --out artifacts/smollm2-360m
     python -m engines.build --device cuda         # also prepare it for the GPU of this machine
+    python -m engines.build --engine trtllm       # + a TensorRT-LLM engine saved into the artifact (GPU)
 
 An up-to-date artifact (same source hash and dtype) is left alone unless ``--force`` is given.
 
@@ -87,16 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=f"artifact directory (default: {DEFAULT_ARTIFACT_DIR})")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--force", action="store_true", help="rebuild even when the artifact is current")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="prompt + output per sequence, for --device cuda and --engine trtllm "
+                        "(default: the model's context length)")
     gpu = parser.add_argument_group("GPU preparation (--device cuda)")
     gpu.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                      help="cuda: also prepare the artifact for this machine's GPU (see the module docstring)")
     gpu.add_argument("--gpu-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    gpu.add_argument("--max-seq-len", type=int, default=None)
     gpu.add_argument("--max-running-seqs", type=int, default=EngineConfig.max_running_seqs)
     gpu.add_argument("--kv-budget-tokens", type=int, default=EngineConfig.kv_budget_tokens)
     gpu.add_argument("--gpu-memory-fraction", type=float, default=EngineConfig.gpu_memory_fraction)
     gpu.add_argument("--cuda-graph-batch-sizes", default=",".join(map(str, DEFAULT_CUDA_GRAPH_BATCH_SIZES)),
                      help="comma-separated; empty: none")
+    add_trtllm_arguments(parser)
     args = parser.parse_args(argv)
 
     if args.device == "cuda":
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print(f"error: {NO_GPU_MESSAGE}", file=sys.stderr)
             return 2
+    if args.engine == "trtllm":
+        return build_trtllm(args, args.out or DEFAULT_ARTIFACT_DIR)
     source = args.source or str(default_gguf_path())
     out = args.out or DEFAULT_ARTIFACT_DIR
     if not args.force and artifact_is_current(out, source, args.dtype):
@@ -120,6 +126,36 @@ def main(argv: list[str] | None = None) -> int:
                               gpu_memory_fraction=args.gpu_memory_fraction, cuda_graph_batch_sizes=sizes)
         print(f"preparing {out} for this GPU ...", flush=True)
         print(json.dumps({"gpu": prepare_gpu(out, config)}, indent=2))
+    return 0
+
+
+def add_trtllm_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TensorRT-LLM (--engine trtllm)")
+    group.add_argument("--engine", default="torch", choices=["torch", "trtllm"],
+                       help="torch: the artifact only (default); trtllm: also build a TensorRT-LLM engine into it")
+    group.add_argument("--trtllm-dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
+                       help="TensorRT engine precision (default bfloat16)")
+    group.add_argument("--max-batch-size", type=int, default=EngineConfig.max_running_seqs,
+                       help="engine max_batch_size: serve it with max_running_seqs no larger")
+    group.add_argument("--max-num-tokens", type=int, default=None, help="engine max_num_tokens per iteration")
+
+
+def build_trtllm(args: argparse.Namespace, out: Path) -> int:
+    """``--engine trtllm``: the HF-format artifact (built as usual when missing, or with ``--source``
+    and ``--force`` when out of date), then the TensorRT-LLM engine built from it once and saved into
+    it (``engines/trtllm.py``)."""
+    from .trtllm import DEFAULT_MAX_NUM_TOKENS, build_trtllm_engine
+
+    if not (out / MANIFEST).exists() or (args.force and args.source
+                                          and not artifact_is_current(out, args.source, args.dtype)):
+        source = args.source or str(default_gguf_path())
+        print(f"building artifact {out} from {source} ...", flush=True)
+        build_artifact(source, out, args.dtype)
+    print(f"building TensorRT-LLM engine into {out} ...", flush=True)
+    manifest = build_trtllm_engine(out, dtype=args.trtllm_dtype, max_batch_size=args.max_batch_size,
+                                   max_seq_len=args.max_seq_len,
+                                   max_num_tokens=args.max_num_tokens or DEFAULT_MAX_NUM_TOKENS, force=args.force)
+    print(json.dumps(manifest["trtllm"], indent=2))
     return 0
 
 
