@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
 from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.serve.schema import ServeDeploySchema
 
+from serve_app.config import AppSettings
 from serve_app.metrics import METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,11 +37,13 @@ def test_launcher_config_passes_rays_schema_and_has_the_three_node_types():
     assert "--port=6379" not in start and "--port=" in start and start.count("--metrics-export-port=8080") == 2
 
 
-def test_rayservice_embeds_serve_config_yaml():
-    manifest = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+@pytest.mark.parametrize("serve_config,manifest_name", [("serve_config.yaml", "rayservice.yaml"),
+                                                         ("serve_config.gpu.yaml", "rayservice.gpu.yaml")])
+def test_rayservice_embeds_its_serve_config(serve_config, manifest_name):
+    manifest = yaml.safe_load((CLUSTER / "kuberay" / manifest_name).read_text())
     assert manifest["kind"] == "RayService"
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    assert embedded == yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    assert embedded == yaml.safe_load((ROOT / serve_config).read_text())
     check = subprocess.run([sys.executable, str(CLUSTER / "embed_serve_config.py"), "--check"], capture_output=True)
     assert check.returncode == 0, check.stderr.decode()
     cluster = manifest["spec"]["rayClusterConfig"]
@@ -48,6 +53,23 @@ def test_rayservice_embeds_serve_config_yaml():
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     for spec in [cluster["headGroupSpec"], *groups.values()]:
         assert spec["rayStartParams"]["metrics-export-port"] == "8080"
+
+
+def test_gpu_config_is_one_model_replica_per_gpu_within_the_gpu_group():
+    config = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())
+    ServeDeploySchema.model_validate(config)  # Serve's own schema, as `serve deploy` checks it
+    (app,) = config["applications"]
+    settings = AppSettings.model_validate(app["args"])
+    assert settings.model.device == "cuda" and settings.model.engine_config().device == "cuda"
+    model = next(d for d in app["deployments"] if d["name"] == "ModelServer")
+    assert model["ray_actor_options"]["num_gpus"] == 1
+    assert model["user_config"]["max_batch_size"] <= settings.model.max_running_seqs
+    manifest = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.gpu.yaml").read_text())
+    gpu = {g["groupName"]: g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}["gpu-workers"]
+    scaling = model["autoscaling_config"]
+    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (scaling["min_replicas"], scaling["max_replicas"])
+    # Everything but the model replicas fits the head: no CPU worker group in the GPU manifest.
+    assert set({g["groupName"] for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}) == {"gpu-workers"}
 
 
 def test_prometheus_follows_rays_service_discovery_file():
