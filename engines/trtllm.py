@@ -11,9 +11,10 @@ on CPU through a fake ``tensorrt_llm`` module shaped like the documented API
 How this works. ``python -m engines.build --engine trtllm`` builds the engine once from the
 artifact's Hugging Face-format weights with ``LLM(model=<artifact>, dtype=..., build_config=
 BuildConfig(max_batch_size, max_seq_len, max_num_tokens))``, saves it with ``llm.save(<artifact>/trtllm)``
-and records ``manifest["trtllm"]`` (TensorRT-LLM version, build settings, build seconds). A replica
-loads that saved engine (``LLM(model=<artifact>/trtllm)``, never a rebuild; a missing or
-version-mismatched engine is a clear error naming the build command). Prompts are our own: the
+and records ``manifest["trtllm"]`` (TensorRT-LLM version, build settings, build seconds, the GPU's
+fingerprint from ``engines/gpu.py``). A replica loads that saved engine (``LLM(model=<artifact>/trtllm)``,
+never a rebuild; a missing engine, or one built by another TensorRT-LLM version or for another GPU, is
+a clear error naming the build command). Prompts are our own: the
 artifact's tokenizer and :func:`~engines.chat_template.encode_chat` turn chat messages into token ids
 (so message text never becomes control tokens), and the ids go to ``generate_async(ids,
 sampling_params, streaming=True)``; TensorRT-LLM's own tokenizer is not loaded
