@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 import uuid
 
+from .protocol import InvalidRequestError
+
 
 def render_marked(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, str]:
     """The template's text with a marker in place of each message's content, and the markers' nonce."""
@@ -44,3 +46,26 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     if found != list(range(len(messages))):
         raise ValueError("the chat template does not render each message's content once, as given")
     return encode_marked(tokenizer, text, nonce, messages)
+
+
+def request_prompt_ids(request, tokenizer, vocab_size: int) -> list[int]:
+    """A request's prompt: its ``prompt_token_ids`` (checked against the vocabulary) or its chat
+    messages through :func:`encode_chat`."""
+    if request.prompt_token_ids is not None:
+        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in request.prompt_token_ids):
+            raise InvalidRequestError(f"prompt_token_ids must be ints in [0, {vocab_size})", "prompt_token_ids")
+        return list(request.prompt_token_ids)
+    return encode_chat(tokenizer, list(request.messages))
+
+
+def output_budget(prompt_len: int, wanted: int | None, max_seq_len: int, default_max_tokens: int) -> int:
+    """The request's ``max_tokens``: what it asked for, else the default within the room left; a
+    prompt or a total over ``max_seq_len`` is refused before any work (``InvalidRequestError``)."""
+    room = max_seq_len - prompt_len
+    if room < 1:
+        raise InvalidRequestError(f"prompt is {prompt_len} tokens; this model serves at most {max_seq_len} tokens "
+                                  "per sequence (prompt + output)", "messages")
+    if wanted is not None and wanted > room:
+        raise InvalidRequestError(f"prompt ({prompt_len} tokens) + max_tokens ({wanted}) exceeds the limit of "
+                                  f"{max_seq_len} tokens per sequence", "max_tokens")
+    return wanted if wanted is not None else min(room, default_max_tokens)

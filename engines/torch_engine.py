@@ -38,7 +38,7 @@ from functools import partial
 import torch
 
 from .artifacts import load_tokenizer, resolve_model
-from .chat_template import encode_chat
+from .chat_template import encode_chat, output_budget, request_prompt_ids
 from .config import DEFAULT_CUDA_GRAPH_BATCH_SIZES, EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .device import resolve_device, resolve_dtype
@@ -51,7 +51,6 @@ from .protocol import (
     EngineOverloadedError,
     EngineStats,
     GenerationRequest,
-    InvalidRequestError,
 )
 from .scheduler import Scheduler, Sequence
 
@@ -168,12 +167,7 @@ class TorchEngine:
 
     # -- the asyncio side -----------------------------------------------------------------------
     def prompt_ids_for(self, request: GenerationRequest) -> list[int]:
-        if request.prompt_token_ids is not None:
-            vocab = self.runner.spec.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in request.prompt_token_ids):
-                raise InvalidRequestError(f"prompt_token_ids must be ints in [0, {vocab})", "prompt_token_ids")
-            return list(request.prompt_token_ids)
-        return self.apply_chat_template(list(request.messages))
+        return request_prompt_ids(request, self.tokenizer, self.runner.spec.vocab_size)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         """The prompt ids of chat messages; their text never becomes control tokens (``chat_template.py``)."""
@@ -183,17 +177,8 @@ class TorchEngine:
         if self._loop_error is not None or self._thread is None or not self._thread.is_alive():
             raise EngineDeadError(f"engine loop is not running: {self._loop_error!r}")
         prompt_ids = self.prompt_ids_for(request)
-        room = self.max_seq_len - len(prompt_ids)
-        if room < 1:
-            raise InvalidRequestError(
-                f"prompt is {len(prompt_ids)} tokens; this model serves at most {self.max_seq_len} tokens "
-                "per sequence (prompt + output)", "messages")
-        wanted = request.sampling.max_tokens
-        if wanted is not None and wanted > room:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({wanted}) exceeds the limit of "
-                f"{self.max_seq_len} tokens per sequence", "max_tokens")
-        max_tokens = wanted if wanted is not None else min(room, self.config.default_max_tokens)
+        max_tokens = output_budget(len(prompt_ids), request.sampling.max_tokens, self.max_seq_len,
+                                   self.config.default_max_tokens)
         generator = None
         if not request.sampling.greedy and request.sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)

@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import MANIFEST, load_tokenizer, resolve_model
-from .chat_template import encode_chat
+from .chat_template import encode_chat, output_budget, request_prompt_ids
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .gpu import FINGERPRINT_FIELDS, GpuArtifactMismatchError, describe, gpu_fingerprint
@@ -335,12 +335,7 @@ class TrtLlmEngine:
 
     # -- requests -------------------------------------------------------------------------------
     def prompt_ids_for(self, request: GenerationRequest) -> list[int]:
-        if request.prompt_token_ids is not None:
-            vocab = len(self.tokenizer)
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in request.prompt_token_ids):
-                raise InvalidRequestError(f"prompt_token_ids must be ints in [0, {vocab})", "prompt_token_ids")
-            return list(request.prompt_token_ids)
-        return self.apply_chat_template(list(request.messages))
+        return request_prompt_ids(request, self.tokenizer, len(self.tokenizer))
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         """The prompt ids of chat messages; their text never becomes control tokens (``chat_template.py``)."""
@@ -349,17 +344,8 @@ class TrtLlmEngine:
     def _limits(self, request: GenerationRequest) -> tuple[list[int], int]:
         """Prompt ids and max_tokens, checked against ``max_seq_len`` as the torch engine does."""
         prompt_ids = self.prompt_ids_for(request)
-        room = self.max_seq_len - len(prompt_ids)
-        if room < 1:
-            raise InvalidRequestError(
-                f"prompt is {len(prompt_ids)} tokens; this model serves at most {self.max_seq_len} tokens "
-                "per sequence (prompt + output)", "messages")
-        wanted = request.sampling.max_tokens
-        if wanted is not None and wanted > room:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({wanted}) exceeds the limit of "
-                f"{self.max_seq_len} tokens per sequence", "max_tokens")
-        return prompt_ids, wanted if wanted is not None else min(room, self.config.default_max_tokens)
+        return prompt_ids, output_budget(len(prompt_ids), request.sampling.max_tokens, self.max_seq_len,
+                                         self.config.default_max_tokens)
 
     def sampling_params_for(self, sampling: SamplingParams, max_tokens: int):
         """Our sampling parameters as ``tensorrt_llm.llmapi.SamplingParams``. Stop strings are not
