@@ -88,10 +88,15 @@ def rebuild_command(artifact_dir: str, source: str | None) -> str:
 
 def check_gpu_artifact(gpu_section: dict, present: dict, artifact_dir: str, source: str | None = None) -> None:
     """Raise :class:`GpuArtifactMismatchError` unless ``gpu_section`` was built for the ``present`` GPU."""
-    built = gpu_section.get("fingerprint") or {}
+    refuse_other_gpu(gpu_section.get("fingerprint") or {}, present, f"artifact {artifact_dir} was prepared",
+                     rebuild_command(artifact_dir, source))
+
+
+def refuse_other_gpu(built: dict, present: dict, subject: str, rebuild: str) -> None:
+    """Raise :class:`GpuArtifactMismatchError` when ``built`` and ``present`` differ in any fingerprint field."""
     differ = [f for f in FINGERPRINT_FIELDS if built.get(f) != present.get(f)]
     if differ:
         raise GpuArtifactMismatchError(
-            f"artifact {artifact_dir} was prepared for {describe(built)}, but this replica has {describe(present)} "
+            f"{subject} for {describe(built)}, but this replica has {describe(present)} "
             f"(differs in: {', '.join(differ)}); refusing to serve with a GPU preparation made elsewhere. "
-            f"Rebuild it here: {rebuild_command(artifact_dir, source)}")
+            f"Rebuild it here: {rebuild}")

@@ -74,7 +74,7 @@ from .artifacts import MANIFEST, load_tokenizer, resolve_model
 from .chat_template import encode_chat, output_budget, request_prompt_ids
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .gpu import FINGERPRINT_FIELDS, GpuArtifactMismatchError, describe, gpu_fingerprint
+from .gpu import gpu_fingerprint, refuse_other_gpu
 from .protocol import (
     MAX_SEED,
     Delta,
@@ -246,13 +246,9 @@ def saved_engine_dir(model: str, version: str) -> tuple[Path, dict, dict]:
             f"{version}; TensorRT engines are not portable across versions. Rebuild: "
             f"{BUILD_COMMAND} --force --out {target.path}")
     built_for, present = recorded.get("gpu"), _present_gpu()
-    if built_for and present:
-        differ = [f for f in FINGERPRINT_FIELDS if built_for.get(f) != present.get(f)]
-        if differ:
-            raise GpuArtifactMismatchError(
-                f"the engine in {engine_dir} was built for {describe(built_for)}, this replica has "
-                f"{describe(present)} (differs in: {', '.join(differ)}); TensorRT engines are built for one GPU "
-                f"type. Rebuild it here: {BUILD_COMMAND} --force --out {target.path}")
+    if built_for and present:  # a TensorRT engine is built for one GPU type
+        refuse_other_gpu(built_for, present, f"the engine in {engine_dir} was built",
+                         f"{BUILD_COMMAND} --force --out {target.path}")
     return engine_dir, recorded, target.manifest
 
 
