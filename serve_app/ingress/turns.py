@@ -131,9 +131,18 @@ class TurnRunner:
                     sampling: SamplingParams, cache_prompt: bool, opened: asyncio.Future, locked: bool) -> None:
         # From the claim on, the lease is kept (the context and the first token may take a while).
         watcher = asyncio.create_task(self._watch(reply_id, session_id if locked else None, asyncio.current_task()))
+
+        async def settle() -> None:
+            """The turn is saved: free the session for its next turn before readers hear ``done``, so a
+            client that answers ``done`` at once is never told the session is busy."""
+            watcher.cancel()  # first: with the lock gone it would take the reply for lost
+            if locked:
+                with contextlib.suppress(Exception):
+                    await self.locks.release(turn_lock_name(session_id), reply_id)
+
         try:
             async with self.limits.reply_slot(who, reply_id):
-                await self._open(reply_id, session_id, who, turn, sampling, cache_prompt, opened)
+                await self._open(reply_id, session_id, who, turn, sampling, cache_prompt, opened, settle)
         except BaseException as exc:
             if not opened.done():  # the caller must get its answer, even if Redis is gone
                 opened.set_exception(ApiError(409, "the reply was cancelled before it started", code="cancelled")
@@ -145,7 +154,7 @@ class TurnRunner:
                     await self.locks.release(turn_lock_name(session_id), reply_id)
 
     async def _open(self, reply_id: str, session_id: str | None, who: Identity, turn: TurnInput,
-                    sampling: SamplingParams, cache_prompt: bool, opened: asyncio.Future) -> None:
+                    sampling: SamplingParams, cache_prompt: bool, opened: asyncio.Future, settle) -> None:
         """Build the context, open the model stream and the reply's log, then produce the reply."""
         stream = None
         try:
@@ -165,16 +174,19 @@ class TurnRunner:
                 stream.cancel()
             raise
         opened.set_result(meta)
-        await self._produce(target, reply_id, plan, who, stream)
+        await self._produce(target, reply_id, plan, who, stream, settle)
 
     # -- generate and persist, in the background ---------------------------------------------------
-    async def _produce(self, target: str, reply_id: str, plan: TurnPlan, who: Identity, stream: ModelStream) -> None:
+    async def _produce(self, target: str, reply_id: str, plan: TurnPlan, who: Identity, stream: ModelStream,
+                       settle) -> None:
         try:
             await self.log.append(target, TurnEvent(
                 reply_id=reply_id, session_id=plan.session_id, turn_index=plan.turn_index,
                 history_turns_used=plan.history_turns_used, history_turns_dropped=plan.history_turns_dropped,
                 prompt_tokens=len(plan.prompt_token_ids), append_only=plan.append_only, item_id=plan.reply_item_id))
             async for event in self._run(plan, who, stream, reply_id):
+                if isinstance(event, DoneEvent):  # the turn is saved (``_run``)
+                    await settle()
                 await self.log.append(target, event)
         except asyncio.CancelledError:
             stream.cancel()

@@ -72,12 +72,16 @@ def turn(base_url, session_id, content, **fields) -> tuple[str, dict]:
 
 async def ws_until(ws, kind, timeout=60):
     """Receive events until one of type ``kind``; return (that event, everything before it but the
-    server's heartbeat pings, which arrive at any time: every second in the test config)."""
+    server's heartbeat pings, which arrive at any time: every second in the test config). An error
+    event while waiting for something else fails at once, and so does ``timeout`` seconds in all."""
     seen = []
+    deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        event = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        left = deadline - asyncio.get_running_loop().time()
+        event = json.loads(await asyncio.wait_for(ws.recv(), max(left, 0.001)))
         if event["type"] == kind:
             return event, seen
+        assert event["type"] != "error", f"error event while waiting for {kind!r}: {event}"
         if event["type"] != "ping":  # heartbeats come at any time
             seen.append(event)
 

@@ -4,17 +4,18 @@ event shaped like the WebSocket protocol's error frames (type ``error``, ``code`
 
 import pytest
 
-from engines.protocol import Delta, EngineDeadError
+from engines.protocol import Delta, EngineDeadError, Usage
 from serve_app.config import DialogueSettings, LimitSettings
 from serve_app.errors import ApiError
 from serve_app.events import DeltaEvent, ErrorEvent
 from serve_app.ingress.auth import Identity
 from serve_app.ingress.calls import ModelStream
 from serve_app.ingress.limits import InMemoryLimits, Limits
+from serve_app.ingress.locks import turn_lock_name
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.replies import ReplyBackends
 from serve_app.ingress.turns import TurnRunner, admit_messages, normalise_message
-from serve_app.schemas import Message, TurnPlan
+from serve_app.schemas import Message, ReplyMeta, TurnPlan
 
 
 class _NoDialogue:
@@ -63,6 +64,42 @@ async def test_a_reply_failing_mid_stream_ends_with_an_error_event():
     assert "unavailable" in events[1].message and "loop" not in events[1].message  # no internals
     assert len(events) == 2
     assert metrics.recorded == [(503, "unavailable")]
+
+
+async def _finishes():
+    yield Delta(request_id="x", text="Hi", token_ids=(1,))
+    yield Delta(request_id="x", text="!", token_ids=(2,), finish_reason="stop", usage=Usage(1, 2))
+
+
+async def test_the_session_is_free_before_readers_hear_done():
+    """A client that sends its next turn the moment it reads ``done`` must not be told ``busy``: the
+    lock goes (and its lease watcher stops) after the turn is saved, before ``done`` is written."""
+    response = _finishes()
+    stream = ModelStream(response)
+    stream.first = await response.__anext__()
+    backends = ReplyBackends.create(DialogueSettings(), 4096)
+    runner = TurnRunner(model=None, dialogue=_NoDialogue(), backends=backends, moderator=None, metrics=_NoMetrics(),
+                        settings=DialogueSettings(), limits=Limits(LimitSettings(), InMemoryLimits()))
+    plan = TurnPlan(session_id="s", turn_index=0, room=False, prompt_token_ids=[1], input=[Message(role="user", content="hi")],
+                    context_ids=[1], window_start=0, append_only=True, history_turns_used=0, history_turns_dropped=0,
+                    save=False)
+    who = Identity(owner="user:owner", user="owner", admin=False, via="key")
+    assert await backends.locks.claim(turn_lock_name("s"), "r1", 15) is None
+    await backends.log.create("r1", ReplyMeta(session_id="s", owner=who.owner), 60)
+    holders = []
+    append = backends.log.append
+
+    async def watching_append(target, event):
+        holders.append((event.wire()["type"], await backends.locks.holder(turn_lock_name("s"))))
+        await append(target, event)
+
+    backends.log.append = watching_append
+
+    async def settle():
+        await backends.locks.release(turn_lock_name("s"), "r1")
+
+    await runner._produce("r1", "r1", plan, who, stream, settle)
+    assert holders == [("turn", "r1"), ("delta", "r1"), ("delta", "r1"), ("done", None)]
 
 
 def test_messages_are_normalised_and_bounded():
