@@ -94,6 +94,7 @@ class TorchEngine:
                                   self.config.resolve_max_seq_len(None))
         self.load_seconds = time.perf_counter() - started
         self.max_seq_len = self.runner.max_seq_len
+        self._check_gpu_artifact()
         max_running, kv_budget = self.config.max_running_seqs, self.config.kv_budget_tokens
         self.static_decode = self.config.decode_mode == "static" or (
             self.config.decode_mode == "auto" and self.device.type == "cuda")
@@ -117,13 +118,11 @@ class TorchEngine:
         logger.info("engine started: model=%s (%s) dtype=%s load=%.2fs threads=%d device=%s", self.config.model,
                     self.runner.spec.architecture, self.dtype, self.load_seconds, threads, self.device)
 
-    def _graph_batch_sizes(self) -> tuple[int, ...]:
-        """The configured decode buckets; on CUDA, an artifact prepared for this GPU is checked first and
-        its validated buckets are used unless the configuration names its own."""
-        sizes = self.config.cuda_graph_batch_sizes
+    def _check_gpu_artifact(self) -> None:
+        """On CUDA, an artifact prepared for a GPU (``engines.build --device cuda``) must be for this one."""
         gpu_section = (self.target.manifest or {}).get("gpu")
         if self.device.type != "cuda" or not gpu_section:
-            return sizes
+            return
         from .gpu import check_gpu_artifact, gpu_fingerprint
 
         check_gpu_artifact(gpu_section, gpu_fingerprint(self.device), self.target.path,
@@ -131,8 +130,14 @@ class TorchEngine:
         if gpu_section.get("dtype") not in (None, self.dtype):
             logger.warning("artifact's GPU preparation was for %s, this replica runs %s: its buckets still apply",
                            gpu_section.get("dtype"), self.dtype)
-        if sizes == DEFAULT_CUDA_GRAPH_BATCH_SIZES and gpu_section.get("cuda_graph_batch_sizes"):
-            return tuple(gpu_section["cuda_graph_batch_sizes"])
+
+    def _graph_batch_sizes(self) -> tuple[int, ...]:
+        """The configured decode buckets, or the artifact's GPU preparation's when the configuration keeps
+        the default (either way capped to this replica's rows by the runner)."""
+        sizes = self.config.cuda_graph_batch_sizes
+        recorded = ((self.target.manifest or {}).get("gpu") or {}).get("cuda_graph_batch_sizes")
+        if self.device.type == "cuda" and recorded and sizes == DEFAULT_CUDA_GRAPH_BATCH_SIZES:
+            return tuple(recorded)
         return sizes
 
     def shutdown(self) -> None:
@@ -143,7 +148,8 @@ class TorchEngine:
         if self.runner is not None:
             self.scheduler.fail_all("abort")
             self._flush_outbox()
-            self.runner.release()
+            if self._thread is None or not self._thread.is_alive():  # never free the cache under a running step
+                self.runner.release()
 
     def _eos_token_ids(self) -> set[int]:
         from transformers import GenerationConfig
@@ -300,6 +306,8 @@ class TorchEngine:
             try:
                 tokens = self.runner.run(batch)
             except Exception as exc:  # a failed forward fails the sequences in it, not the engine
+                if is_cuda_context_error(exc):
+                    raise  # the CUDA context is broken for good: let the loop die, check_health fail
                 logger.exception("forward failed; failing %d running sequences", len(self.scheduler.running))
                 self.scheduler.fail_running(f"generation failed: {exc!r}")
             else:
@@ -325,6 +333,12 @@ class TorchEngine:
                 self._aborts.add(request_id)  # its Sequence may still be on the way to the inbox
         if len(self._aborts) > 10_000:
             self._aborts.clear()
+
+
+def is_cuda_context_error(exc: BaseException) -> bool:
+    """A device-side assert or illegal memory access: every later CUDA call fails too."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA error" in str(exc)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Delta]]) -> None:

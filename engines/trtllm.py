@@ -390,6 +390,8 @@ class TrtLlmEngine:
             self._mark_dead(exc)
             raise EngineDeadError(f"tensorrt_llm executor failed: {exc!r}") from exc
         stream = _RequestStream(self, request, prompt_ids, max_tokens, output)
+        if not self._streams:  # the stall clock starts with the first request in flight, not at the last output
+            self._last_progress_s = time.monotonic()
         self._streams[request.request_id] = stream
         return stream
 

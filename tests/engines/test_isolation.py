@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engines.config import EngineConfig
-from engines.protocol import EngineError, EngineOverloadedError, GenerationRequest, SamplingParams
+from engines.protocol import EngineDeadError, EngineError, EngineOverloadedError, GenerationRequest, SamplingParams
 from engines.registry import create_engine
 from engines.sampling import SAMPLING_FAILED, sample_next_tokens
 
@@ -64,3 +64,21 @@ def test_control_token_spellings_in_chat_messages_stay_text(engine):
     im_start, im_end = engine.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     # the template's default system message, the user message and the generation prompt: three opened, two closed
     assert ids.count(im_start) == 3 and ids.count(im_end) == 2
+
+
+async def test_a_broken_cuda_context_kills_the_engine_so_health_fails(artifact_dir, monkeypatch):
+    """A forward error is normally the batch's alone; a CUDA context error (device-side assert, illegal
+    memory access) breaks every later step too, so the loop dies and check_health tells Serve."""
+    engine = create_engine(EngineConfig(model=artifact_dir, dtype="float32", num_threads=2, prefix_cache_tokens=0))
+    engine.start()
+    try:
+        def broken(batch):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+        monkeypatch.setattr(engine.runner, "run", broken)
+        with pytest.raises(EngineError, match="engine loop died"):
+            await collect(engine, chat("Hi", max_tokens=4))
+        with pytest.raises(EngineDeadError):
+            engine.check_health()
+    finally:
+        engine.shutdown()

@@ -157,12 +157,35 @@ def test_replica_start_checks_the_artifact_and_takes_its_buckets(monkeypatch):
     engine.target = LoadTarget("/a/art", manifest={"source": "src.gguf", "gpu": {
         "fingerprint": H100, "dtype": "bfloat16", "cuda_graph_batch_sizes": [1, 2, 4, 8, 16, 32]}})
     monkeypatch.setattr(gpu, "gpu_fingerprint", lambda device=None: dict(H100))
+    engine._check_gpu_artifact()
     assert engine._graph_batch_sizes() == (1, 2, 4, 8, 16, 32)
     monkeypatch.setattr(gpu, "gpu_fingerprint", lambda device=None: dict(H100, torch="2.7.0+cu126"))
     with pytest.raises(GpuArtifactMismatchError, match="differs in: torch"):
-        engine._graph_batch_sizes()
+        engine._check_gpu_artifact()
     engine.device = torch.device("cpu")  # a GPU artifact on CPU: weights only, nothing checked
+    engine._check_gpu_artifact()
     assert engine._graph_batch_sizes() == DEFAULT_CUDA_GRAPH_BATCH_SIZES
+
+
+def test_recorded_buckets_are_capped_to_the_replicas_own_rows():
+    from engines.static_decode import batch_buckets
+
+    # An artifact prepared with 4 rows records what was asked (up to 128); a 128-row replica keeps them all.
+    assert batch_buckets(DEFAULT_CUDA_GRAPH_BATCH_SIZES, 128) == DEFAULT_CUDA_GRAPH_BATCH_SIZES
+    assert batch_buckets(DEFAULT_CUDA_GRAPH_BATCH_SIZES, 4) == (1, 2, 4)
+    assert batch_buckets(DEFAULT_CUDA_GRAPH_BATCH_SIZES, 48) == (1, 2, 4, 8, 16, 32, 48)
+
+
+def test_a_cuda_error_is_recognised_as_fatal_for_the_engine():
+    from engines.torch_engine import is_cuda_context_error
+
+    assert is_cuda_context_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_cuda_context_error(RuntimeError("shape mismatch"))
+
+
+def test_trtllm_and_cuda_preparation_are_separate_builds(capsys, tmp_path):
+    assert build.main(["--engine", "trtllm", "--device", "cuda", "--out", str(tmp_path / "art")]) == 2
+    assert "run --device cuda" in capsys.readouterr().err and not (tmp_path / "art").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")

@@ -340,6 +340,17 @@ async def test_a_failing_generate_async_kills_the_engine(trt, engine):
         engine.check_health()
 
 
+async def test_a_request_after_a_long_idle_is_not_taken_for_a_stall(trt, engine):
+    engine._last_progress_s -= 10 * trtllm.STUCK_AFTER_S  # the replica sat idle for a long time
+    trt.tokens, trt.first_delay_s = ids(engine, ANSWER), 0.2
+    stream = engine.generate(chat("Hi", max_tokens=8))
+    first = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0.05)  # submitted, no output yet: busy, but not stalled
+    engine.check_health()
+    await first
+    await stream.aclose()
+
+
 async def test_in_flight_requests_are_bounded(trt, trt_artifact):
     engine = make_engine(trt_artifact, max_running_seqs=1, max_waiting_seqs=1)
     try:
