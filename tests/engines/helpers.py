@@ -1,3 +1,4 @@
+import asyncio
 import math
 
 import torch
@@ -16,6 +17,40 @@ async def collect(engine, request):
     """Run a request to the end; return (text, token_ids, deltas)."""
     deltas = [d async for d in engine.generate(request)]
     return "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], deltas
+
+
+async def assert_stop_string_cuts_and_never_leaks(engine, stop: str):
+    """A stop string the model says ends the output just before it, with no delta ever showing it."""
+    full, _, _ = await collect(engine, chat("What is the capital of France?", max_tokens=60))
+    assert stop in full, f"pick a stop string the model says: {full!r}"
+    text, _, deltas = await collect(engine, chat("What is the capital of France?", max_tokens=60, stop=[stop]))
+    assert deltas[-1].finish_reason == "stop"
+    assert text == full[: full.index(stop)]
+    assert all(stop not in d.text for d in deltas)
+
+
+async def hang_up_after(engine, request, deltas: int = 3) -> None:
+    """Read ``deltas`` deltas of the request's stream, then close it, as a client that went away."""
+    stream = engine.generate(request)
+    got = 0
+    async for _ in stream:
+        got += 1
+        if got == deltas:
+            break
+    await stream.aclose()
+
+
+async def assert_hang_up_frees_the_row(engine):
+    """A client gone mid-stream: the request is aborted (counted once) and its row freed."""
+    before = engine.stats().requests_aborted
+    await hang_up_after(engine, chat("Tell me a very long story about a castle.", max_tokens=300))
+    for _ in range(100):
+        stats = engine.stats()
+        if stats.running == 0 and stats.requests_aborted > before:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.stats().running == 0
+    assert engine.stats().requests_aborted == before + 1
 
 
 def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

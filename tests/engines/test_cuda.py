@@ -4,7 +4,6 @@ transformers on the same GPU under the near-tie rule (alone and batched with mid
 strings, abort; the GPU artifact prepared by ``engines.build --device cuda`` and its refusal on a
 fingerprint mismatch. None of these has run on the machine this was written on (no GPU there)."""
 
-import asyncio
 import json
 import shutil
 
@@ -14,7 +13,14 @@ from engines.artifacts import load_model
 from engines.config import EngineConfig
 from engines.registry import create_engine
 
-from .helpers import assert_same_or_near_tie, chat, collect, hf_greedy
+from .helpers import (
+    assert_hang_up_frees_the_row,
+    assert_same_or_near_tie,
+    assert_stop_string_cuts_and_never_leaks,
+    chat,
+    collect,
+    hf_greedy,
+)
 from .test_model_runner import PROMPT, run_with_joins
 
 pytestmark = pytest.mark.gpu
@@ -72,27 +78,11 @@ async def test_cuda_batched_with_midway_joins_agrees_with_transformers(engine_cu
 
 @pytest.mark.parametrize("stop", ["Paris", "capital"])
 async def test_cuda_stop_string_ends_output_and_never_leaks(engine_cuda, stop):
-    full, _, _ = await collect(engine_cuda, chat("What is the capital of France?", max_tokens=60))
-    assert stop in full, f"pick a stop string the model says: {full!r}"
-    text, _, deltas = await collect(engine_cuda, chat("What is the capital of France?", max_tokens=60, stop=[stop]))
-    assert deltas[-1].finish_reason == "stop" and text == full[: full.index(stop)]
-    assert all(stop not in d.text for d in deltas)
+    await assert_stop_string_cuts_and_never_leaks(engine_cuda, stop)
 
 
 async def test_cuda_abort_midstream_frees_the_row(engine_cuda):
-    before = engine_cuda.stats().requests_aborted
-    stream = engine_cuda.generate(chat("Tell me a very long story about a castle.", max_tokens=300))
-    got = 0
-    async for _ in stream:
-        got += 1
-        if got == 3:
-            break
-    await stream.aclose()
-    for _ in range(100):
-        if engine_cuda.stats().running == 0 and engine_cuda.stats().requests_aborted > before:
-            break
-        await asyncio.sleep(0.05)
-    assert engine_cuda.stats().running == 0 and engine_cuda.stats().requests_aborted == before + 1
+    await assert_hang_up_frees_the_row(engine_cuda)
 
 
 async def test_cuda_float32_equals_transformers_token_for_token(artifact_dir):

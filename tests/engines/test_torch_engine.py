@@ -7,7 +7,7 @@ import pytest
 from engines.config import EngineConfig
 from engines.protocol import GenerationRequest, InvalidRequestError, SamplingParams
 
-from .helpers import chat, collect, hf_greedy
+from .helpers import assert_hang_up_frees_the_row, assert_stop_string_cuts_and_never_leaks, chat, collect, hf_greedy
 
 PROMPT = "Write one sentence about the sea."
 
@@ -49,30 +49,11 @@ async def test_ignore_eos_writes_text_to_max_tokens(engine):
 
 @pytest.mark.parametrize("stop", ["Paris", "of France", "capital"])
 async def test_stop_string_ends_output_and_never_leaks(engine, stop):
-    full, _, _ = await collect(engine, chat("What is the capital of France?", max_tokens=60))
-    assert stop in full, f"pick a stop string the model says: {full!r}"
-    text, _, deltas = await collect(engine, chat("What is the capital of France?", max_tokens=60, stop=[stop]))
-    assert deltas[-1].finish_reason == "stop"
-    assert text == full[: full.index(stop)]
-    assert all(stop not in d.text for d in deltas)
+    await assert_stop_string_cuts_and_never_leaks(engine, stop)
 
 
 async def test_abort_midstream_frees_the_row(engine):
-    before = engine.stats().requests_aborted
-    stream = engine.generate(chat("Tell me a very long story about a castle.", max_tokens=300))
-    got = 0
-    async for _ in stream:
-        got += 1
-        if got == 3:
-            break
-    await stream.aclose()
-    for _ in range(100):
-        stats = engine.stats()
-        if stats.running == 0 and stats.requests_aborted > before:
-            break
-        await asyncio.sleep(0.05)
-    assert engine.stats().running == 0
-    assert engine.stats().requests_aborted == before + 1
+    await assert_hang_up_frees_the_row(engine)
 
 
 async def test_chinese_streaming_never_breaks_characters(engine):

@@ -36,7 +36,7 @@ from engines.trtllm import (
 )
 
 from . import fake_tensorrt_llm as fake
-from .helpers import chat, collect
+from .helpers import chat, collect, hang_up_after
 
 ARTIFACT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "chat_template.jinja", "manifest.json")
@@ -267,13 +267,7 @@ async def test_a_stop_string_ends_the_output_never_leaks_and_aborts_the_request(
 
 async def test_a_consumer_that_stops_early_aborts_its_request(trt, engine):
     trt.tokens, trt.step_delay_s = ids(engine, ANSWER * 3), 0.001
-    stream = engine.generate(chat("Hi", max_tokens=200))
-    got = 0
-    async for _ in stream:
-        got += 1
-        if got == 3:
-            break
-    await stream.aclose()
+    await hang_up_after(engine, chat("Hi", max_tokens=200))
     (sent,) = trt.requests
     assert sent.abort_calls == 1
     stats = engine.stats()
