@@ -162,3 +162,22 @@ def artifact_is_current(out: Path, source: str, dtype: str) -> bool:
         and manifest.get("dtype") == dtype
         and manifest.get("source_hash") == source_fingerprint(source)
     )
+
+
+def eos_token_ids(model_path, tokenizer, model_config) -> set[int]:
+    """Every id that ends a reply: the generation config's, the model config's and the tokenizer's EOS
+    (any of them may name several; a GGUF target has no generation config)."""
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        generation = None
+    ids: set[int] = set()
+    for value in (getattr(generation, "eos_token_id", None), getattr(model_config, "eos_token_id", None),
+                  tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

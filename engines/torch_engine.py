@@ -37,7 +37,7 @@ from functools import partial
 
 import torch
 
-from .artifacts import load_tokenizer, resolve_model
+from .artifacts import eos_token_ids, load_tokenizer, resolve_model
 from .chat_template import encode_chat, output_budget, request_prompt_ids
 from .config import DEFAULT_CUDA_GRAPH_BATCH_SIZES, EngineConfig
 from .detokenizer import IncrementalDetokenizer
@@ -103,7 +103,7 @@ class TorchEngine:
                                             self._graph_batch_sizes(), capture=self.device.type == "cuda")
             max_running, kv_budget = plan.rows, plan.rows * plan.capacity
             self.capture_seconds = (self.runner.graph_report or {}).get("capture_s", 0.0)
-        self.eos_ids = self._eos_token_ids()
+        self.eos_ids = eos_token_ids(self.target.path, self.tokenizer, self.runner.hf_config)
         vocab = self.runner.spec.vocab_size  # a tokenizer may name ids the model has no logits for
         self.runner.banned_if_ignore_eos = torch.tensor(
             sorted(i for i in self.eos_ids | set(self.tokenizer.all_special_ids) if 0 <= i < vocab),
@@ -150,22 +150,6 @@ class TorchEngine:
             self._flush_outbox()
             if self._thread is None or not self._thread.is_alive():  # never free the cache under a running step
                 self.runner.release()
-
-    def _eos_token_ids(self) -> set[int]:
-        from transformers import GenerationConfig
-
-        ids: set[int] = set()
-        try:
-            gen = GenerationConfig.from_pretrained(self.target.path)
-        except (OSError, ValueError):
-            gen = None
-        for value in (getattr(gen, "eos_token_id", None), getattr(self.runner.hf_config, "eos_token_id", None),
-                      self.tokenizer.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(value)
-        return ids
 
     @property
     def kv(self):

@@ -70,7 +70,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import MANIFEST, load_tokenizer, resolve_model
+from .artifacts import MANIFEST, eos_token_ids, load_tokenizer, resolve_model
 from .chat_template import encode_chat, output_budget, request_prompt_ids
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
@@ -288,7 +288,10 @@ class TrtLlmEngine:
             logger.warning("max_running_seqs=%d exceeds the engine's max_batch_size=%d: TensorRT-LLM queues the "
                            "excess and stats() counts it as running; rebuild with --max-batch-size",
                            self.config.max_running_seqs, recorded["settings"]["max_batch_size"])
-        self.eos_ids = self._eos_token_ids(Path(resolve_model(self.config.model).path))
+        from transformers import AutoConfig
+
+        model_dir = resolve_model(self.config.model).path
+        self.eos_ids = eos_token_ids(model_dir, self.tokenizer, AutoConfig.from_pretrained(model_dir))
         self.end_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else min(self.eos_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
         vocab = len(self.tokenizer)
@@ -314,20 +317,6 @@ class TrtLlmEngine:
             except Exception:  # noqa: BLE001 - shutting down a dead executor may fail again
                 logger.exception("tensorrt_llm shutdown failed")
             self.llm = None
-
-    def _eos_token_ids(self, model_dir: Path) -> set[int]:
-        ids: set[int] = set()
-        values = [self.tokenizer.eos_token_id]
-        for name in ("generation_config.json", "config.json"):
-            path = model_dir / name
-            if path.exists():
-                values.append(json.loads(path.read_text()).get("eos_token_id"))
-        for value in values:
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(v for v in value if isinstance(v, int))
-        return ids
 
     # -- requests -------------------------------------------------------------------------------
     def prompt_ids_for(self, request: GenerationRequest) -> list[int]:
